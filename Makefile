@@ -1,0 +1,32 @@
+# The two set-up commands: `make demo` and `make test`. Each creates .venv on first use and reuses it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: demo test lint format clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# torchvision is pinned to the release matching the local torch so pip never pulls a CUDA rebuild.
+$(STAMP): $(PY) pyproject.toml
+	$(PIP) install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m vlsegkit.demo --out demo_out
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check src tests examples benchmarks
+	$(VENV)/bin/ruff format --check src tests examples benchmarks
+	$(VENV)/bin/python -m pytest -n 2 -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check --fix src tests examples benchmarks
+	$(VENV)/bin/ruff format src tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache

@@ -1,0 +1,295 @@
+"""Steppable encoder towers: the one abstraction every vlsegkit model is built on.
+
+A *tower* presents a CLIP-family encoder -- whatever library built it -- as a sequence of blocks that
+can be stepped one at a time::
+
+    state = tower.embed(inputs)              # TokenState
+    for i in range(tower.num_layers):
+        state = hook(i, state)               # prompt learners, adapters act here
+        state = tower.block(i, state)
+    pooled = tower.pool(state)               # (B, E)
+    dense = tower.dense(state)               # (B, P, E)
+
+Backends (``vlsegkit.encoders.hf_clip``, ``vlsegkit.encoders.open_clip``) are thin adapters over the
+upstream module objects, which keep their own weights and parameter names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Hook",
+    "TokenState",
+    "Tower",
+    "TowerOutput",
+    "attention_bias",
+]
+
+
+@dataclass(frozen=True)
+class TokenState:
+    """Tokens flowing through a tower, plus everything that changes when tokens are inserted.
+
+    Layout of ``tokens`` along the sequence axis::
+
+        [ prefix (num_prefix) | prompts (num_prompts) | content ]
+
+    For vision the prefix is the CLS token (and any register tokens) and the content is the patch grid,
+    row-major. For text the prefix is the start token (CLIP BOS / BERT CLS) and the content is the rest
+    of the tokenised prompt, padding included.
+
+    Attributes:
+        tokens: ``(B, N, D)`` hidden states.
+        attention_mask: ``(B, N)`` bool, True for tokens that may be attended to, or None when every
+            token is valid.
+        pool_index: ``(B,)`` long, the position ``pool`` reads (CLS = 0, CLIP's EOS elsewhere).
+        num_prefix: number of leading tokens before the prompt slots.
+        num_prompts: number of prompt tokens at ``[num_prefix, num_prefix + num_prompts)``.
+        grid: ``(h, w)`` patch grid of the content tokens for vision towers, None for text.
+        causal: whether blocks apply a causal mask (CLIP text towers).
+    """
+
+    tokens: Tensor
+    attention_mask: Tensor | None = None
+    pool_index: Tensor | None = None
+    num_prefix: int = 1
+    num_prompts: int = 0
+    grid: tuple[int, int] | None = None
+    causal: bool = False
+    extras: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def content_start(self) -> int:
+        """Index of the first content (patch / word) token."""
+        return self.num_prefix + self.num_prompts
+
+    @property
+    def prompt_tokens(self) -> Tensor:
+        """``(B, num_prompts, D)`` the prompt slots."""
+        return self.tokens[:, self.num_prefix : self.content_start]
+
+    @property
+    def content_tokens(self) -> Tensor:
+        """``(B, N - num_prefix - num_prompts, D)``: patch tokens (vision) or words (text)."""
+        return self.tokens[:, self.content_start :]
+
+    def without_prompts(self) -> Tensor:
+        """``(B, N - num_prompts, D)``: prefix and content tokens, prompt slots removed."""
+        if self.num_prompts == 0:
+            return self.tokens
+        return torch.cat([self.tokens[:, : self.num_prefix], self.content_tokens], dim=1)
+
+    def grid_map(self) -> Tensor:
+        """Content tokens as a feature map ``(B, D, h, w)`` (vision towers only)."""
+        if self.grid is None:
+            raise ValueError("grid_map() needs a vision TokenState (grid is None)")
+        h, w = self.grid
+        x = self.content_tokens
+        if x.shape[1] != h * w:
+            raise ValueError(f"expected {h}x{w}={h * w} content tokens, found {x.shape[1]}")
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
+
+    # ------------------------------------------------------------------ edits
+    def replace(self, **changes) -> TokenState:
+        """A copy with some fields changed (states are immutable so hooks cannot alias)."""
+        return dataclasses.replace(self, **changes)
+
+    def with_tokens(self, tokens: Tensor) -> TokenState:
+        if tokens.shape[:2] != self.tokens.shape[:2]:
+            raise ValueError(
+                f"with_tokens expects shape (B={self.tokens.shape[0]}, N={self.tokens.shape[1]}, D), "
+                f"got {tuple(tokens.shape)}"
+            )
+        return self.replace(tokens=tokens)
+
+    def insert_prompts(self, prompts: Tensor) -> TokenState:
+        """Insert prompt tokens after the existing prompt slots (VPT / CoOp style insertion).
+
+        Args:
+            prompts: ``(B, n, D)`` or ``(n, D)`` (shared by the batch).
+
+        Returns:
+            A state with ``num_prompts + n`` prompt slots; the attention mask and the pooling position
+            are shifted to stay on the same tokens.
+        """
+        prompts = _as_batched(prompts, self.tokens)
+        n = prompts.shape[1]
+        if n == 0:
+            return self
+        at = self.content_start
+        tokens = torch.cat(
+            [self.tokens[:, :at], prompts.to(self.tokens.dtype), self.tokens[:, at:]], 1
+        )
+        mask = self.attention_mask
+        if mask is not None:
+            ones = mask.new_ones(mask.shape[0], n)
+            mask = torch.cat([mask[:, :at], ones, mask[:, at:]], dim=1)
+        pool = self.pool_index
+        if pool is not None:
+            pool = torch.where(pool >= at, pool + n, pool)
+        return self.replace(
+            tokens=tokens, attention_mask=mask, pool_index=pool, num_prompts=self.num_prompts + n
+        )
+
+    def set_prompts(self, prompts: Tensor) -> TokenState:
+        """Overwrite the prompt slots (deep prompt replacement, VPT-deep / MaPLe).
+
+        Args:
+            prompts: ``(B, num_prompts, D)`` or ``(num_prompts, D)``.
+        """
+        prompts = _as_batched(prompts, self.tokens)
+        if prompts.shape[1] != self.num_prompts:
+            raise ValueError(
+                f"set_prompts expects {self.num_prompts} prompt tokens, got {prompts.shape[1]}"
+            )
+        tokens = torch.cat(
+            [self.tokens[:, : self.num_prefix], prompts.to(self.tokens.dtype), self.content_tokens],
+            1,
+        )
+        return self.replace(tokens=tokens)
+
+    def remove_prompts(self) -> TokenState:
+        """Drop every prompt slot, restoring the plain layout."""
+        if self.num_prompts == 0:
+            return self
+        n, at = self.num_prompts, self.num_prefix
+        mask = self.attention_mask
+        if mask is not None:
+            mask = torch.cat([mask[:, :at], mask[:, at + n :]], dim=1)
+        pool = self.pool_index
+        if pool is not None:
+            pool = torch.where(pool >= at + n, pool - n, pool)
+        return self.replace(
+            tokens=self.without_prompts(), attention_mask=mask, pool_index=pool, num_prompts=0
+        )
+
+
+def _as_batched(prompts: Tensor, tokens: Tensor) -> Tensor:
+    if prompts.dim() == 2:
+        prompts = prompts.unsqueeze(0)
+    if prompts.dim() != 3 or prompts.shape[-1] != tokens.shape[-1]:
+        raise ValueError(
+            f"prompts must have shape (B, n, {tokens.shape[-1]}) or (n, {tokens.shape[-1]}), "
+            f"got {tuple(prompts.shape)}"
+        )
+    if prompts.shape[0] == 1 and tokens.shape[0] != 1:
+        prompts = prompts.expand(tokens.shape[0], -1, -1)
+    if prompts.shape[0] != tokens.shape[0]:
+        raise ValueError(f"prompts batch {prompts.shape[0]} != token batch {tokens.shape[0]}")
+    return prompts
+
+
+def attention_bias(state: TokenState, dtype: torch.dtype | None = None) -> Tensor | None:
+    """Additive attention bias ``(B, 1, N, N)`` from the padding mask and causality, or None.
+
+    Masked entries are the dtype's most negative finite value (not -inf), so a fully masked row gives
+    a uniform softmax instead of NaN -- the convention of transformers and open_clip.
+    """
+    dtype = dtype or state.tokens.dtype
+    b, n = state.tokens.shape[:2]
+    device = state.tokens.device
+    if state.attention_mask is None and not state.causal:
+        return None
+    allowed = torch.ones(b, 1, n, n, dtype=torch.bool, device=device)
+    if state.attention_mask is not None:
+        allowed = allowed & state.attention_mask.bool()[:, None, None, :]
+    if state.causal:
+        allowed = allowed & torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    bias = torch.zeros(b, 1, n, n, dtype=dtype, device=device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+Hook = Callable[[int, TokenState], TokenState]
+
+
+@dataclass
+class TowerOutput:
+    """What ``Tower.forward`` returns.
+
+    Attributes:
+        pooled: ``(B, E)`` pooled embedding in the joint space.
+        state: the final ``TokenState`` (after the last block, before the final norm).
+        hidden_states: when requested, ``num_layers + 1`` tensors ``(B, N, D)``: index 0 is the
+            embedding output, index ``i + 1`` the output of block ``i`` (the transformers convention).
+    """
+
+    pooled: Tensor
+    state: TokenState
+    hidden_states: list[Tensor] | None = None
+
+
+class Tower(nn.Module):
+    """Base class of steppable towers.
+
+    Subclasses wrap an upstream module and implement ``embed``, ``block``, ``pool`` and ``dense``; they
+    set ``modality`` (``"vision"`` or ``"text"``), ``num_layers``, ``width`` (residual width ``D``) and
+    ``embed_dim`` (joint-space width ``E``).
+    """
+
+    modality: str = ""
+    num_layers: int
+    width: int
+    embed_dim: int
+
+    def embed(self, *args, **kwargs) -> TokenState:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def block(self, i: int, state: TokenState) -> TokenState:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def pool(self, state: TokenState) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def dense(self, state: TokenState) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def run(
+        self,
+        state: TokenState,
+        *,
+        hooks: Hook | Sequence[Hook] | None = None,
+        output_hidden_states: bool = False,
+        stop_at: int | None = None,
+    ) -> tuple[TokenState, list[Tensor] | None]:
+        """Step an embedded state through blocks ``0 .. stop_at - 1`` (all by default).
+
+        Each hook is called as ``hook(i, state)`` before block ``i`` and returns the new state.
+        """
+        hooks = [] if hooks is None else [hooks] if callable(hooks) else list(hooks)
+        stop = self.num_layers if stop_at is None else stop_at
+        if not 0 <= stop <= self.num_layers:
+            raise ValueError(f"stop_at must be in [0, {self.num_layers}], got {stop_at}")
+        hidden = [state.tokens] if output_hidden_states else None
+        for i in range(stop):
+            for hook in hooks:
+                state = hook(i, state)
+            state = self.block(i, state)
+            if hidden is not None:
+                hidden.append(state.tokens)
+        return state, hidden
+
+    def forward(
+        self,
+        *args,
+        hooks: Hook | Sequence[Hook] | None = None,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ) -> TowerOutput:
+        """Embed, step through every block (calling ``hooks``) and pool.
+
+        Positional and keyword arguments go to ``embed``.
+        """
+        state = self.embed(*args, **kwargs)
+        state, hidden = self.run(state, hooks=hooks, output_hidden_states=output_hidden_states)
+        return TowerOutput(pooled=self.pool(state), state=state, hidden_states=hidden)
