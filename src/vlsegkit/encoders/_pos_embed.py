@@ -50,7 +50,11 @@ def resample_grid_pos_embed(
     grid = rearrange(grid, "b (h w) d -> b d h w", h=h0, w=w0)
     orig_dtype = grid.dtype
     grid = F.interpolate(
-        grid.float(), size=tuple(new_grid), mode=mode, align_corners=False, antialias=antialias
+        grid.to(torch.promote_types(orig_dtype, torch.float32)),
+        size=tuple(new_grid),
+        mode=mode,
+        align_corners=False,
+        antialias=antialias,
     ).to(orig_dtype)
     grid = rearrange(grid, "b d h w -> b (h w) d")
     out = grid if num_prefix == 0 else torch.cat([prefix, grid], dim=1)
