@@ -255,14 +255,25 @@ class VLSM(nn.Module):
             model = cls.from_config(config)
             weights = resolve_file(id_or_path, SAFETENSORS_NAME, **kw)
             load_state_dict_strict(model, load_checkpoint_file(weights), source=str(weights))
-            return model.eval()
+            return model._mark_source(id_or_path, revision).eval()
         for klass in _MODEL_TYPES.values():
             if (cls is VLSM or issubclass(klass, cls)) and klass._claims_foreign(config):
-                return klass._from_foreign(id_or_path, config, **kw).eval()
+                model = klass._from_foreign(id_or_path, config, **kw)
+                return model._mark_source(id_or_path, revision).eval()
         raise CheckpointError(
             f"{config_path} is neither a vlsegkit config (no 'vlsegkit_format_version') nor an "
             f"upstream layout vlsegkit can convert (model_type={config.get('model_type')!r})"
         )
+
+    #: Where ``from_pretrained`` loaded the weights from (Hub id or folder) and the revision asked
+    #: for; None for models built from a config. Prompt learners record these to find their base.
+    name_or_path: str | None = None
+    revision: str | None = None
+
+    def _mark_source(self, id_or_path, revision: str | None) -> VLSM:
+        self.name_or_path = str(id_or_path)
+        self.revision = revision
+        return self
 
     @classmethod
     def _claims_foreign(cls, config: dict[str, Any]) -> bool:

@@ -1,0 +1,321 @@
+"""fit / evaluate / seed_everything on a tiny prompt-conditioned conv net and SyntheticLesions."""
+
+from __future__ import annotations
+
+import copy
+import math
+import zlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from vlsegkit.data import SyntheticLesions, collate_prompts
+from vlsegkit.losses import DiceBCELoss
+from vlsegkit.metrics import dice_score, iou_score
+from vlsegkit.train import History, evaluate, fit, seed_everything
+
+
+@dataclass
+class Output:
+    logits: Tensor
+
+
+class TinySeg(nn.Module):
+    """Two convs with the prompt's hashed bag of words added as a per-channel bias (FiLM-lite).
+
+    No batch-dependent layers, so gradient accumulation must be exact.
+    """
+
+    def __init__(self, width: int = 8, vocab: int = 64) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.words = nn.EmbeddingBag(vocab, width, mode="mean")
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.head = nn.Conv2d(width, 1, 1)
+
+    def forward(self, images: Tensor, prompts: list[str]) -> Output:
+        ids = [[zlib.crc32(w.encode()) % self.vocab for w in p.split()] for p in prompts]
+        offsets = torch.tensor([0] + [len(i) for i in ids[:-1]]).cumsum(0)
+        flat = torch.tensor([i for words in ids for i in words], device=images.device)
+        cond = self.words(flat, offsets.to(images.device))
+        # Lesions are darker (skin) or paler (mucosa) than their surroundings: centring each image
+        # (a per-sample op, not a batch statistic) lets two small convs see that.
+        images = 4 * (images - images.mean((2, 3), keepdim=True))
+        x = F.gelu(self.conv1(images))
+        x = F.gelu(self.conv2(x) + cond[:, :, None, None])
+        return Output(logits=self.head(x))
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    # Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine thread
+    # oversubscription makes these tests ~20x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def loader(length=16, batch_size=4, *, size=32, seed=0, shuffle=False, negative_fraction=0.0):
+    ds = SyntheticLesions(
+        length=length, image_size=size, seed=seed, negative_fraction=negative_fraction
+    )
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_prompts)
+
+
+def params_of(model: nn.Module) -> Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_loss_decreases_and_dice_improves():
+    torch.manual_seed(0)
+    model = TinySeg()
+    train = loader(32, 8, seed=0, shuffle=True)
+    val = loader(16, 8, seed=100)
+    before = evaluate(model, val)
+    history = fit(model, train, val_loader=val, epochs=5, lr=2e-2, progress=False)
+    assert isinstance(history, History) and history.epochs == 5 and history.steps == 20
+    assert history.train_loss[-1] < 0.7 * history.train_loss[0]
+    assert history.val[-1]["loss"] < 0.7 * before["loss"]
+    assert history.metric("dice")[-1] > before["dice"] + 0.3
+    assert (
+        set(history.val[-1]) == {"dice", "iou", "loss", "count"} and history.val[-1]["count"] == 16
+    )
+
+
+@pytest.mark.parametrize(("length", "small", "k"), [(16, 4, 2), (12, 4, 2), (18, 3, 3)])
+def test_grad_accumulation_equals_one_big_batch(length, small, k):
+    torch.manual_seed(1)
+    base = TinySeg()
+    accum, big, plain = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+    h_acc = fit(
+        accum,
+        loader(length, small),
+        grad_accum_steps=k,
+        optimizer=torch.optim.SGD(accum.parameters(), lr=0.5),
+        progress=False,
+    )
+    h_big = fit(
+        big,
+        loader(length, small * k),
+        optimizer=torch.optim.SGD(big.parameters(), lr=0.5),
+        progress=False,
+    )
+    assert h_acc.steps == h_big.steps == math.ceil(length / (small * k))
+    torch.testing.assert_close(params_of(accum), params_of(big), rtol=0, atol=2e-6)
+    torch.testing.assert_close(h_acc.train_loss[0], h_big.train_loss[0], rtol=1e-5, atol=1e-6)
+    # Control: stepping after every small batch is a different trajectory.
+    fit(
+        plain,
+        loader(length, small),
+        optimizer=torch.optim.SGD(plain.parameters(), lr=0.5),
+        progress=False,
+    )
+    assert (params_of(plain) - params_of(big)).abs().max() > 1e-3
+
+
+def test_grad_accumulation_with_default_adamw():
+    torch.manual_seed(2)
+    a = TinySeg()
+    b = copy.deepcopy(a)
+    fit(a, loader(16, 4), grad_accum_steps=2, lr=1e-2, progress=False)
+    fit(b, loader(16, 8), lr=1e-2, progress=False)
+    torch.testing.assert_close(params_of(a), params_of(b), rtol=0, atol=1e-5)
+
+
+def run_seeded(seed: int) -> tuple[Tensor, History]:
+    seed_everything(seed)
+    model = TinySeg()
+    history = fit(
+        model,
+        loader(16, 4, shuffle=True),
+        val_loader=loader(8, 4, seed=9),
+        epochs=2,
+        progress=False,
+    )
+    return params_of(model), history
+
+
+def test_determinism_with_seed():
+    p1, h1 = run_seeded(123)
+    p2, h2 = run_seeded(123)
+    assert torch.equal(p1, p2)
+    assert h1.train_loss == h2.train_loss and h1.val == h2.val
+    p3, _ = run_seeded(124)
+    assert not torch.equal(p1, p3)
+    assert seed_everything(5) == 5
+    first = torch.rand(3)
+    seed_everything(5)
+    assert torch.equal(first, torch.rand(3))
+
+
+class MaskAsImage(Dataset):
+    """SyntheticLesions whose image is the mask itself, so an oracle model can read the answer."""
+
+    def __init__(self, **kwargs) -> None:
+        self.inner = SyntheticLesions(**kwargs)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        item = self.inner[i]
+        return {**item, "image": item["mask"].expand(3, -1, -1).clone()}
+
+
+class Oracle(nn.Module):
+    def __init__(self, sign: float = 1.0) -> None:
+        super().__init__()
+        self.sign = sign
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, images, prompts):
+        return Output(logits=self.sign * 40.0 * (images[:, :1] - 0.5) + 0 * self.dummy)
+
+
+def test_evaluate_oracle_and_anti_oracle():
+    ds = MaskAsImage(length=12, image_size=24, seed=3, negative_fraction=0.25)
+    data = DataLoader(ds, batch_size=5, collate_fn=collate_prompts)
+    oracle = Oracle().train()
+    result = evaluate(oracle, data)
+    assert result == {"dice": 1.0, "iou": 1.0, "loss": pytest.approx(0.0, abs=1e-6), "count": 12}
+    assert oracle.training  # mode restored
+    anti = evaluate(Oracle(sign=-1.0), data)
+    assert anti["dice"] == 0.0 and anti["iou"] == 0.0 and anti["loss"] > 5
+
+
+def test_evaluate_matches_manual_computation():
+    torch.manual_seed(4)
+    model = TinySeg()
+    with torch.no_grad():
+        model.head.bias.fill_(0.3)  # predict some foreground, so the scores are not trivially 0
+    data = loader(10, 4, seed=5, negative_fraction=0.2)
+    result = evaluate(model, data, threshold=0.55)
+    dice, iou, loss_sum = [], [], 0.0
+    model.eval()
+    with torch.no_grad():
+        for batch in data:
+            logits = model(batch["image"], batch["prompt"]).logits
+            prob = torch.sigmoid(logits)
+            dice.append(dice_score(prob, batch["mask"], threshold=0.55))
+            iou.append(iou_score(prob, batch["mask"], threshold=0.55))
+            loss_sum += DiceBCELoss()(logits, batch["mask"]).item() * len(batch["prompt"])
+    assert result["dice"] == pytest.approx(torch.cat(dice).double().mean().item(), abs=1e-7)
+    assert result["iou"] == pytest.approx(torch.cat(iou).double().mean().item(), abs=1e-7)
+    assert result["loss"] == pytest.approx(loss_sum / 10, rel=1e-6)
+    assert 0.0 < result["dice"] < 1.0
+
+
+def test_max_grad_norm_clips_the_update():
+    torch.manual_seed(5)
+    base = TinySeg()
+    clipped, free = copy.deepcopy(base), copy.deepcopy(base)
+    start = params_of(base)
+    for model, norm in ((clipped, 1e-3), (free, None)):
+        fit(
+            model,
+            loader(8, 4),
+            optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+            max_grad_norm=norm,
+            max_steps=1,
+            progress=False,
+        )
+    assert (params_of(clipped) - start).norm() == pytest.approx(1e-3, rel=1e-3)
+    assert (params_of(free) - start).norm() > 1e-2
+
+
+class HeadOnly(TinySeg):
+    def trainable_parameters(self):
+        return self.head.parameters()
+
+
+def test_trainable_parameters_and_frozen_params_are_respected():
+    torch.manual_seed(6)
+    model = HeadOnly()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit(model, loader(8, 4), lr=1e-2, progress=False)
+    after = model.state_dict()
+    assert not torch.equal(after["head.weight"], before["head.weight"])
+    assert torch.equal(after["conv1.weight"], before["conv1.weight"])
+    plain = TinySeg()
+    plain.conv2.requires_grad_(False)
+    frozen = plain.conv2.weight.clone()
+    fit(plain, loader(8, 4), lr=1e-2, progress=False)
+    assert torch.equal(plain.conv2.weight, frozen)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_training_step(dtype):
+    torch.manual_seed(7)
+    model = TinySeg(width=4)
+    ref = copy.deepcopy(model)
+    start = params_of(model)
+    data = loader(4, 4, size=16)
+    h = fit(model, data, autocast_dtype=dtype, lr=1e-2, progress=False)
+    h_ref = fit(ref, data, lr=1e-2, progress=False)
+    assert math.isfinite(h.train_loss[0]) and h.steps == 1
+    assert h.train_loss[0] == pytest.approx(h_ref.train_loss[0], abs=0.02)
+    # One AdamW step moves each weight by ~lr·sign(grad): low-precision forward passes must give
+    # nearly the same update direction as full precision.
+    delta, delta_ref = params_of(model) - start, params_of(ref) - start
+    assert torch.isfinite(delta).all()
+    assert F.cosine_similarity(delta, delta_ref, dim=0) > 0.9
+    result = evaluate(model, data, autocast_dtype=dtype)
+    assert 0.0 <= result["dice"] <= 1.0
+    assert result["loss"] == pytest.approx(evaluate(model, data)["loss"], abs=0.02)
+
+
+def test_log_fn_max_steps_and_progress(capsys):
+    records = []
+    model = TinySeg()
+    history = fit(
+        model, loader(16, 4), epochs=5, max_steps=3, log_fn=records.append, progress=False
+    )
+    assert history.steps == 3 and history.epochs == 1
+    step_logs = [r for r in records if "loss" in r]
+    assert [r["step"] for r in step_logs] == [1, 2, 3]
+    assert all(r["lr"] == 1e-3 and r["epoch"] == 0 for r in step_logs)
+    assert records[-1] == {"step": 3, "epoch": 0, "train_loss": history.train_loss[0]}
+    assert capsys.readouterr().err == ""
+    fit(model, loader(4, 4, size=16), progress=True)
+    assert "epoch 1/1" in capsys.readouterr().err
+
+
+class WrongShape(TinySeg):
+    def forward(self, images, prompts):
+        return Output(logits=super().forward(images, prompts).logits[..., ::2, ::2])
+
+
+class ReturnsDict(TinySeg):
+    def forward(self, images, prompts):
+        return {"logits": super().forward(images, prompts).logits}
+
+
+class NaNModel(TinySeg):
+    def forward(self, images, prompts):
+        return Output(logits=super().forward(images, prompts).logits * float("nan"))
+
+
+def test_bad_inputs():
+    data = loader(4, 4, size=16)
+    with pytest.raises(ValueError, match="grad_accum_steps"):
+        fit(TinySeg(), data, grad_accum_steps=0)
+    with pytest.raises(ValueError, match="autocast_dtype"):
+        fit(TinySeg(), data, autocast_dtype=torch.float32)
+    with pytest.raises(ValueError, match="max_steps"):
+        fit(TinySeg(), data, max_steps=0)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        fit(TinySeg().requires_grad_(False), data)
+    with pytest.raises(ValueError, match=r"logits have shape \(4, 1, 8, 8\).*\(4, 1, 16, 16\)"):
+        fit(WrongShape(), data, progress=False)
+    with pytest.raises(ValueError, match="'image', 'mask' and 'prompt'"):
+        fit(TinySeg(), [{"image": torch.zeros(1, 3, 8, 8)}], progress=False)
+    with pytest.raises(TypeError, match=r"\.logits"):
+        evaluate(ReturnsDict(), data)
+    with pytest.raises(FloatingPointError, match="batch 0"):
+        fit(NaNModel(), data, progress=False)
