@@ -5,13 +5,14 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint format clean
+.PHONY: demo test lint clean
+
+LINT_PATHS := $(wildcard src tests examples benchmarks)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-# torchvision is pinned to the release matching the local torch so pip never pulls a CUDA rebuild.
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet -e ".[test]"
 	touch $(STAMP)
@@ -20,13 +21,13 @@ demo: $(STAMP)
 	$(PY) -m vlsegkit.demo --out demo_out
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check src tests examples benchmarks
-	$(VENV)/bin/ruff format --check src tests examples benchmarks
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/python -m pytest -n 2 -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check --fix src tests examples benchmarks
-	$(VENV)/bin/ruff format src tests examples benchmarks
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
+	$(VENV)/bin/ruff format $(LINT_PATHS)
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache
