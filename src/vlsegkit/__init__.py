@@ -4,18 +4,32 @@ from ._version import __version__
 from .decoders import FiLMDecoder
 from .encoders import TokenState, Tower
 from .hub import CheckpointError
+from .layers import PixelTextHead, PVLAdapter, PVLAttention
+from .losses import DiceBCELoss, SoftPatchContrastiveLoss
 from .models import VLSM, CLIPSeg, SegmentationOutput
+from .ops import probabilistic_attention
 from .registry import create_model, list_models
+from .tokenizers import BertTokenizer, CLIPTokenizer, TextBatch, load_tokenizer
 
 __all__ = [
     "VLSM",
+    "BertTokenizer",
     "CLIPSeg",
+    "CLIPTokenizer",
     "CheckpointError",
+    "DiceBCELoss",
     "FiLMDecoder",
+    "PVLAdapter",
+    "PVLAttention",
+    "PixelTextHead",
     "SegmentationOutput",
+    "SoftPatchContrastiveLoss",
+    "TextBatch",
     "TokenState",
     "Tower",
     "__version__",
     "create_model",
     "list_models",
+    "load_tokenizer",
+    "probabilistic_attention",
 ]
