@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from vlsegkit.encoders._checks import _check_ids, _check_layer_index, _check_length, _patch_grid
 from vlsegkit.encoders._pos_embed import resample_grid_pos_embed
 from vlsegkit.encoders.base import TokenState, Tower, attention_bias
 
@@ -53,11 +54,6 @@ def _run_layer(layer: nn.Module, state: TokenState) -> TokenState:
     if isinstance(out, tuple):
         out = out[0]
     return state.with_tokens(out)
-
-
-def _check_layer_index(i: int, num_layers: int) -> None:
-    if not 0 <= i < num_layers:
-        raise ValueError(f"block index i must be in [0, {num_layers}), got {i}")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -144,19 +140,8 @@ class HFCLIPVisionTower(Tower):
             ``TokenState`` with tokens ``(B, 1 + n + h*w, D)``, ``grid=(H/p, W/p)``, ``num_prefix=1``,
             ``num_prompts=n``, ``pool_index`` zeros and no attention mask.
         """
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.num_channels:
-            raise ValueError(
-                f"pixel_values must have shape (B, {self.num_channels}, H, W), "
-                f"got {tuple(pixel_values.shape)}"
-            )
-        b, _, height, width = pixel_values.shape
-        p = self.patch_size
-        if height % p or width % p or height == 0 or width == 0:
-            raise ValueError(
-                f"pixel_values height and width must be positive multiples of patch_size={p}, "
-                f"got {height}x{width}"
-            )
-        grid = (height // p, width // p)
+        grid = _patch_grid(pixel_values, channels=self.num_channels, patch_size=self.patch_size)
+        b = pixel_values.shape[0]
         emb = self.vision_model.embeddings
         weight = emb.patch_embedding.weight
         patches = emb.patch_embedding(pixel_values.to(weight.dtype)).flatten(2).transpose(1, 2)
@@ -300,19 +285,7 @@ class HFCLIPTextTower(Tower):
             ``TokenState`` with tokens ``(B, L + n, D)``, ``num_prefix=1``, ``num_prompts=n``,
             ``causal=True`` and ``pool_index`` at EOS.
         """
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(
-                f"input_ids must have shape (B, L) with L >= 1, got {tuple(input_ids.shape)}"
-            )
-        if input_ids.is_floating_point():
-            raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
-        if attention_mask is not None:
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(
-                    f"attention_mask must have shape (B, L)={tuple(input_ids.shape)} like input_ids, "
-                    f"got {tuple(attention_mask.shape)}"
-                )
-            attention_mask = attention_mask.bool()
+        attention_mask = _check_ids(input_ids, attention_mask)
         emb = self.text_model.embeddings
         state = TokenState(
             tokens=emb.token_embedding(input_ids),
@@ -323,12 +296,8 @@ class HFCLIPTextTower(Tower):
         )
         if context is not None:
             state = state.insert_prompts(context)  # validates the context shape
+        _check_length(input_ids.shape[1], state.num_prompts, self.max_positions)
         length = state.tokens.shape[1]
-        if length > self.max_positions:
-            raise ValueError(
-                f"input_ids length {input_ids.shape[1]} + context length {state.num_prompts} = "
-                f"{length} exceeds max_positions={self.max_positions}"
-            )
         pos = emb.position_embedding.weight[:length]
         return state.with_tokens(state.tokens + pos)
 

@@ -35,6 +35,14 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from vlsegkit.encoders._checks import (
+    _check_ids,
+    _check_layer_index,
+    _check_length,
+    _check_tokens,
+    _gather,
+    _patch_grid,
+)
 from vlsegkit.encoders._pos_embed import resample_grid_pos_embed
 from vlsegkit.encoders.base import TokenState, Tower, attention_bias
 
@@ -48,78 +56,11 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def _check_layer_index(i: int, num_layers: int) -> None:
-    if not 0 <= i < num_layers:
-        raise ValueError(f"block index i must be in [0, {num_layers}), got {i}")
-
-
 def _square_patch(patch_size, owner: str) -> int:
     ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
     if ph != pw:
         raise NotImplementedError(f"{owner}: non-square patches {ph}x{pw} are not supported")
     return int(ph)
-
-
-def _patch_grid(pixel_values: Tensor, *, channels: int, patch_size: int) -> tuple[int, int]:
-    """Validate ``(B, C, H, W)`` pixels and return the patch grid ``(H / p, W / p)``."""
-    if pixel_values.dim() != 4 or pixel_values.shape[1] != channels:
-        raise ValueError(
-            f"pixel_values must have shape (B, {channels}, H, W), got {tuple(pixel_values.shape)}"
-        )
-    height, width = pixel_values.shape[-2:]
-    if height == 0 or width == 0 or height % patch_size or width % patch_size:
-        raise ValueError(
-            f"pixel_values height and width must be positive multiples of patch_size={patch_size}, "
-            f"got {height}x{width}"
-        )
-    return height // patch_size, width // patch_size
-
-
-def _check_tokens(name: str, extra: Tensor, batch: int, width: int) -> Tensor:
-    """Validate prompt / context tokens ``(B, n, D)`` or ``(n, D)`` under the argument's own name."""
-    if extra.dim() not in (2, 3) or extra.shape[-1] != width:
-        raise ValueError(
-            f"{name} must have shape (B, n, {width}) or (n, {width}), got {tuple(extra.shape)}"
-        )
-    if extra.dim() == 3 and extra.shape[0] not in (1, batch):
-        raise ValueError(
-            f"{name} must have shape (B={batch}, n, {width}) or (n, {width}), "
-            f"got {tuple(extra.shape)}"
-        )
-    return extra
-
-
-def _check_ids(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor | None:
-    """Validate ``(B, L)`` integer ids and an optional ``(B, L)`` mask; returns the mask as bool."""
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(
-            f"input_ids must have shape (B, L) with L >= 1, got {tuple(input_ids.shape)}"
-        )
-    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-        raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
-    if attention_mask is None:
-        return None
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask must have shape (B, L)={tuple(input_ids.shape)} like input_ids, "
-            f"got {tuple(attention_mask.shape)}"
-        )
-    return attention_mask.bool()
-
-
-def _check_length(length: int, num_context: int, max_positions: int) -> None:
-    if length + num_context > max_positions:
-        raise ValueError(
-            f"input_ids length {length} + context length {num_context} = {length + num_context} "
-            f"exceeds max_positions={max_positions}"
-        )
-
-
-def _gather(tokens: Tensor, index: Tensor | None) -> Tensor:
-    """``tokens[b, index[b]]`` -> ``(B, D)``; position 0 when ``index`` is None."""
-    if index is None:
-        return tokens[:, 0]
-    return tokens[torch.arange(tokens.shape[0], device=tokens.device), index.to(tokens.device)]
 
 
 def _zeros_index(tokens: Tensor) -> Tensor:
