@@ -1,0 +1,53 @@
+"""Step a CLIP tower layer by layer and act between blocks.
+
+Every vlsegkit backbone is a *tower*: ``embed`` → ``block(i)`` × N → ``pool`` / ``dense``. This example
+builds a tiny random CLIPSeg (no download), then
+
+1. reproduces the tower's pooled embedding by stepping it by hand,
+2. inserts four learnable prompt tokens after CLS (VPT-style) and shows the patch grid is unchanged,
+3. uses a hook to record the norm of the residual stream after every block.
+
+Run: ``python examples/step_towers.py``
+"""
+
+from __future__ import annotations
+
+import torch
+
+import vlsegkit
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    model = vlsegkit.create_model("clipseg-tiny").eval()
+    vision = model.vision_tower
+    pixels = torch.randn(2, 3, 64, 96)  # any multiple of the patch size, square or not
+
+    with torch.no_grad():
+        state = vision.embed(pixels)
+        print(f"embedded: tokens {tuple(state.tokens.shape)}, grid {state.grid}")
+        for i in range(vision.num_layers):
+            state = vision.block(i, state)
+        by_hand = vision.pool(state)
+        torch.testing.assert_close(by_hand, vision(pixels).pooled)
+        print(f"pooled by hand == tower(pixels).pooled, shape {tuple(by_hand.shape)}")
+
+        prompts = torch.zeros(4, vision.width)
+        prompted = vision.embed(pixels, prompts=prompts)
+        print(
+            f"with 4 prompts: tokens {tuple(prompted.tokens.shape)}, "
+            f"content tokens {tuple(prompted.content_tokens.shape)}, grid {prompted.grid}"
+        )
+
+        norms = []
+
+        def record(i: int, s: vlsegkit.TokenState) -> vlsegkit.TokenState:
+            norms.append(s.tokens.norm(dim=-1).mean().item())
+            return s
+
+        vision(pixels, hooks=record)
+        print("mean token norm before each block:", [f"{n:.2f}" for n in norms])
+
+
+if __name__ == "__main__":
+    main()
