@@ -91,6 +91,16 @@ def test_logits_match_transformers(hf_checkpoint, size):
     assert err <= ATOL, err
 
 
+def test_support_image_conditioning_matches_transformers(hf_checkpoint):
+    hf, path = hf_checkpoint
+    model = VLSM.from_pretrained(path)
+    pixels, support = torch.randn(2, 3, 224, 224), torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ref = hf(pixel_values=pixels, conditional_pixel_values=support).logits
+        out = model(pixels, conditional_pixel_values=support).logits
+    assert (out[:, 0] - ref).abs().max().item() <= ATOL
+
+
 def test_multi_prompt_equals_repeated_images(hf_checkpoint):
     hf, path = hf_checkpoint
     model = VLSM.from_pretrained(path)
