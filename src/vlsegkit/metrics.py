@@ -1,26 +1,87 @@
-"""Per-image Dice and IoU for binary masks, and accumulators that average them over a data set.
+"""Segmentation and calibration metrics for binary masks, per image and aggregated over a data set.
 
-Both scores are computed per image on binarised masks and then averaged over images ("samplewise"
-aggregation), as in the medvlsm / TuneVLSeg evaluation (MONAI ``compute_dice`` / ``compute_iou``
-with ``ignore_empty=False``) and MedCLIPSeg's DSC:
+Overlap. Dice and IoU are computed per image on binarised masks and then averaged over images
+("samplewise" aggregation), as in the medvlsm / TuneVLSeg evaluation (MONAI ``compute_dice`` /
+``compute_iou`` with ``ignore_empty=False``) and MedCLIPSeg's DSC:
 
     Dice = 2·|P ∩ G| / (|P| + |G|)        IoU = |P ∩ G| / |P ∪ G|
 
-Empty masks. When both the prediction and the ground truth are empty the ratio is 0/0; following
-medvlsm (``ignore_empty=False``) such an image scores ``empty_score = 1.0`` -- the model correctly
-found nothing. An empty ground truth with a non-empty prediction scores 0. Pass
-``empty_score=float("nan")`` to drop empty/empty images from the means instead (MONAI's default
-``ignore_empty=True``); ``SegmentationMeter`` averages with NaNs ignored.
+Boundaries. The normalised surface Dice (NSD, Nikolov et al. 2021, "Clinically applicable
+segmentation of head and neck anatomy for radiotherapy", arXiv 1809.04430) and the (percentile)
+Hausdorff distance compare the boundaries ∂P and ∂G of the two masks. A boundary pixel is a
+foreground pixel with a background 4-neighbour (pixels outside the image count as background), i.e.
+``mask XOR binary_erosion(mask)`` as in MONAI. With ``d(x, S)`` the Euclidean distance from pixel
+``x`` to the nearest pixel of ``S`` (scaled by the pixel ``spacing``):
+
+    NSD_τ = (|{x ∈ ∂P : d(x, ∂G) ≤ τ}| + |{y ∈ ∂G : d(y, ∂P) ≤ τ}|) / (|∂P| + |∂G|)
+    HD_q  = max(q-th percentile of {d(x, ∂G)}_{x ∈ ∂P}, q-th percentile of {d(y, ∂P)}_{y ∈ ∂G})
+
+with τ = 2 pixels by default (MedCLIP-SAMv2) and q = 95 for HD95 (CoTexNet), percentiles with
+linear interpolation (``numpy.percentile`` / ``torch.quantile``). Boundaries are counted in pixels,
+which is MONAI's ``compute_surface_dice(use_subvoxels=False)``; DeepMind's ``surface-distance``
+package weights boundary elements by their length instead and can differ by a few percent.
+Distances are exact: every boundary point is compared with every boundary point of the other mask
+(in chunks), so no scipy distance transform is needed. When MONAI is installed
+(``pip install 'vlsegkit[metrics]'``) ``backend="auto"`` hands NSD and HD to it instead; both
+backends return the same numbers, with the conventions below.
+
+Calibration. For probabilities ``p`` and ground truth ``y`` the Brier score is the pixel mean of
+``(p - y)²`` (Brier 1950), and the expected calibration error (Guo et al. 2017, "On calibration of
+modern neural networks") splits the pixels into ``num_bins`` equal-width confidence bins
+``[k/M, (k+1)/M)`` (the last one closed) and sums the gap between accuracy and confidence:
+
+    ECE = Σ_k (n_k / n) · |acc_k − conf_k|
+
+``mode="top_label"`` (default) uses the confidence ``max(p, 1 − p)`` of the predicted label
+``p > 0.5`` and its correctness; ``mode="positive"`` bins the foreground probability ``p`` itself
+and compares it with the foreground frequency (a reliability diagram of the positive class).
+
+Empty masks (per image; every convention is a keyword argument):
+
+==========  =============================  ==============================  =======================
+metric      prediction and GT both empty   exactly one of them empty       keyword
+==========  =============================  ==============================  =======================
+Dice, IoU   ``empty_score = 1.0``          0                               ``empty_score``
+NSD         ``empty_score = 1.0``          0                               ``empty_score``
+HD / HD95   ``empty_score = nan``          ``missing_score = nan``         both
+==========  =============================  ==============================  =======================
+
+Dice, IoU and NSD follow medvlsm and MedCLIP-SAMv2 (an empty/empty image scores 1: the model
+correctly found nothing); pass ``empty_score=float("nan")`` for MONAI's behaviour (such images are
+left out of means). The Hausdorff distance is undefined without two boundaries; like MONAI (and
+CoTexNet, which drops NaNs) it is NaN by default, and ``missing_score=float("inf")`` or a finite
+penalty (e.g. the image diagonal) makes missed lesions count. The meters average with NaNs ignored.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["MetricTracker", "SegmentationMeter", "dice_score", "iou_score"]
+__all__ = [
+    "CalibrationMeter",
+    "MetricTracker",
+    "SegmentationMeter",
+    "brier_score",
+    "dice_score",
+    "expected_calibration_error",
+    "hausdorff_distance",
+    "hd95",
+    "iou_score",
+    "mask_boundary",
+    "normalized_surface_dice",
+    "surface_distances",
+]
+
+_EXTRA_HINT = "install the optional extra with `pip install 'vlsegkit[metrics]'` (monai and scipy)"
+# Pairwise distances are computed in blocks of at most this many entries (~32 MB in float64).
+_CHUNK = 1 << 22
 
 
 def _binary(x: Tensor, threshold: float) -> Tensor:
@@ -29,8 +90,7 @@ def _binary(x: Tensor, threshold: float) -> Tensor:
     return x if x.dtype == torch.bool else x > threshold
 
 
-def _counts(pred: Tensor, target: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-image ``|P ∩ G|``, ``|P|``, ``|G|`` as int64 ``(B,)`` tensors."""
+def _check_pair(pred: Tensor, target: Tensor) -> None:
     if pred.ndim != 4 or pred.shape[1] != 1:
         raise ValueError(
             f"pred must have shape (B, 1, H, W), got {tuple(pred.shape)}; score several prompts "
@@ -40,9 +100,19 @@ def _counts(pred: Tensor, target: Tensor, threshold: float) -> tuple[Tensor, Ten
         raise ValueError(
             f"target must have the same shape as pred {tuple(pred.shape)}, got {tuple(target.shape)}"
         )
-    p = _binary(pred, threshold)
-    g = _binary(target, 0.5)  # ground truth in {0, 1} (or bool); soft labels binarised at 0.5
-    dims = (1, 2, 3)
+
+
+def _binary_pair(pred: Tensor, target: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """Validated ``(B, H, W)`` bool prediction and ground truth."""
+    _check_pair(pred, target)
+    # Ground truth in {0, 1} (or bool); soft labels are binarised at 0.5.
+    return _binary(pred, threshold)[:, 0], _binary(target, 0.5)[:, 0]
+
+
+def _counts(pred: Tensor, target: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-image ``|P ∩ G|``, ``|P|``, ``|G|`` as int64 ``(B,)`` tensors."""
+    p, g = _binary_pair(pred, target, threshold)
+    dims = (1, 2)
     return (p & g).sum(dims), p.sum(dims), g.sum(dims)
 
 
@@ -87,6 +157,436 @@ def iou_score(
     return torch.where(union > 0, score, torch.full_like(score, empty_score))
 
 
+# --------------------------------------------------------------------------- surface distances
+def mask_boundary(mask: Tensor) -> Tensor:
+    """Boundary pixels of binary masks: foreground pixels with a background 4-neighbour.
+
+    Equals ``mask ^ scipy.ndimage.binary_erosion(mask)`` with the default cross-shaped structuring
+    element and pixels outside the image counted as background (MONAI's ``get_mask_edges``).
+
+    Args:
+        mask: ``(..., H, W)`` bool (or 0/1) masks.
+
+    Returns:
+        ``(..., H, W)`` bool boundary masks.
+    """
+    if mask.ndim < 2:
+        raise ValueError(f"mask must have shape (..., H, W), got {tuple(mask.shape)}")
+    fg = mask.bool()
+    # Zero padding makes the image border a background neighbour.
+    padded = torch.nn.functional.pad(fg.to(torch.uint8), (1, 1, 1, 1)).bool()
+    interior = (
+        padded[..., :-2, 1:-1]
+        & padded[..., 2:, 1:-1]
+        & padded[..., 1:-1, :-2]
+        & padded[..., 1:-1, 2:]
+    )
+    return fg & ~interior
+
+
+def _spacing_pair(spacing: float | Sequence[float] | None) -> tuple[float, float]:
+    if spacing is None:
+        return 1.0, 1.0
+    if isinstance(spacing, numbers.Real):
+        spacing = (float(spacing), float(spacing))
+    values = tuple(float(s) for s in spacing)
+    if len(values) != 2 or not all(math.isfinite(s) and s > 0 for s in values):
+        raise ValueError(
+            f"spacing must be a positive number or (spacing_y, spacing_x), got {spacing!r}"
+        )
+    return values
+
+
+def _nearest_distances(src: Tensor, dst: Tensor) -> Tensor:
+    """Euclidean distance from each ``src`` point ``(n, 2)`` to the nearest ``dst`` point."""
+    out = torch.empty(src.shape[0], dtype=src.dtype, device=src.device)
+    step = max(1, _CHUNK // max(dst.shape[0], 1))
+    for start in range(0, src.shape[0], step):
+        block = src[start : start + step]
+        # The matrix-multiply shortcut of cdist loses precision to cancellation; distances between
+        # nearby boundary points must be exact, so use the direct difference form.
+        dist = torch.cdist(block, dst, compute_mode="donot_use_mm_for_euclid_dist")
+        out[start : start + step] = dist.amin(dim=1)
+    return out
+
+
+def surface_distances(
+    pred: Tensor, target: Tensor, *, spacing: float | Sequence[float] | None = None
+) -> tuple[Tensor, Tensor]:
+    """Directed boundary distances between two 2-D binary masks (exact, brute force).
+
+    Args:
+        pred: ``(H, W)`` bool (or 0/1) mask.
+        target: ``(H, W)`` bool (or 0/1) mask.
+        spacing: pixel size, a number or ``(spacing_y, spacing_x)``; distances are in these units
+            (default 1: pixels).
+
+    Returns:
+        ``(d_pred_to_target, d_target_to_pred)``: float64 tensors with, for every boundary pixel of
+        ``pred`` (resp. ``target``) in raster order, the distance to the nearest boundary pixel of
+        the other mask. ``inf`` when the other mask is empty; empty tensors for an empty mask.
+    """
+    if pred.ndim != 2 or target.shape != pred.shape:
+        raise ValueError(
+            "pred and target must be (H, W) masks of the same shape, got "
+            f"{tuple(pred.shape)} and {tuple(target.shape)}"
+        )
+    scale = torch.tensor(_spacing_pair(spacing), dtype=torch.float64, device=pred.device)
+    points = [mask_boundary(m).nonzero().to(torch.float64) * scale for m in (pred, target)]
+
+    def directed(src: Tensor, dst: Tensor) -> Tensor:
+        if dst.shape[0] == 0:
+            return torch.full((src.shape[0],), math.inf, dtype=torch.float64, device=src.device)
+        return _nearest_distances(src, dst)
+
+    return directed(points[0], points[1]), directed(points[1], points[0])
+
+
+@functools.cache
+def _monai_import_error() -> str | None:
+    """None when MONAI's surface metrics are usable, else why not (checked once per process)."""
+    try:
+        import monai.metrics  # noqa: F401
+        import scipy.ndimage  # noqa: F401  (MONAI's surface metrics need scipy)
+    except ImportError as err:
+        return str(err)
+    return None
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in ("auto", "torch", "monai"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'monai', got {backend!r}")
+    if backend == "torch":
+        return backend
+    error = _monai_import_error()
+    if error is None:
+        return "monai"
+    if backend == "monai":
+        raise ImportError(f"backend='monai' needs MONAI and scipy ({error}): {_EXTRA_HINT}")
+    return "torch"
+
+
+def _monai_surface(
+    kind: str, pred: Tensor, target: Tensor, value: float | None, spacing: tuple[float, float]
+) -> Tensor:
+    """NSD (``value`` = tolerance) or HD (``value`` = percentile or None) per image via MONAI."""
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+
+    # A single foreground channel with include_background=True: MONAI scores exactly that channel.
+    y_pred = pred[:, None].float().cpu()
+    y = target[:, None].float().cpu()
+    if kind == "nsd":
+        out = compute_surface_dice(
+            y_pred, y, class_thresholds=[value], include_background=True, spacing=list(spacing)
+        )
+    else:
+        out = compute_hausdorff_distance(
+            y_pred, y, include_background=True, percentile=value, spacing=list(spacing)
+        )
+    return out[:, 0].to(device=pred.device, dtype=torch.float64)
+
+
+def _surface_scores(
+    kind: str,
+    pred: Tensor,
+    target: Tensor,
+    *,
+    value: float | None,
+    threshold: float,
+    spacing: float | Sequence[float] | None,
+    empty_score: float,
+    missing_score: float,
+    backend: str,
+) -> Tensor:
+    p, g = _binary_pair(pred, target, threshold)
+    spacing_yx = _spacing_pair(spacing)
+    backend = _check_backend(backend)
+    p_any, g_any = p.flatten(1).any(1), g.flatten(1).any(1)
+    both = p_any & g_any
+    scores = torch.empty(p.shape[0], dtype=torch.float64, device=pred.device)
+    if bool(both.any()):
+        if backend == "monai":
+            scores[both] = _monai_surface(kind, p[both], g[both], value, spacing_yx)
+        else:
+            for b in both.nonzero()[:, 0].tolist():
+                d_pg, d_gp = surface_distances(p[b], g[b], spacing=spacing_yx)
+                scores[b] = _nsd(d_pg, d_gp, value) if kind == "nsd" else _hd(d_pg, d_gp, value)
+    scores[~p_any & ~g_any] = empty_score
+    scores[p_any ^ g_any] = missing_score
+    return scores.float()
+
+
+def _nsd(d_pg: Tensor, d_gp: Tensor, tolerance: float) -> Tensor:
+    correct = (d_pg <= tolerance).sum() + (d_gp <= tolerance).sum()
+    return correct.double() / (d_pg.numel() + d_gp.numel())
+
+
+def _hd(d_pg: Tensor, d_gp: Tensor, percentile: float | None) -> Tensor:
+    if percentile is None:
+        return torch.maximum(d_pg.max(), d_gp.max())
+    q = percentile / 100
+    return torch.maximum(torch.quantile(d_pg, q), torch.quantile(d_gp, q))
+
+
+def normalized_surface_dice(
+    pred: Tensor,
+    target: Tensor,
+    *,
+    tolerance: float = 2.0,
+    threshold: float = 0.5,
+    spacing: float | Sequence[float] | None = None,
+    empty_score: float = 1.0,
+    backend: str = "auto",
+) -> Tensor:
+    """Per-image normalised surface Dice (NSD) at a boundary tolerance.
+
+    ``NSD_τ = (|{x ∈ ∂P : d(x, ∂G) ≤ τ}| + |{y ∈ ∂G : d(y, ∂P) ≤ τ}|) / (|∂P| + |∂G|)`` (Nikolov
+    et al. 2021), boundary pixels counted as in MONAI ``compute_surface_dice`` (see the module
+    docstring).
+
+    Args:
+        pred: ``(B, 1, H, W)`` probabilities (binarised as ``pred > threshold``) or a bool mask.
+        target: ``(B, 1, H, W)`` ground truth in {0, 1} (binarised at 0.5) or bool.
+        tolerance: τ, the accepted boundary deviation in ``spacing`` units (pixels by default; 2 as
+            in MedCLIP-SAMv2).
+        threshold: probability threshold for ``pred``.
+        spacing: pixel size, a number or ``(spacing_y, spacing_x)`` (default 1).
+        empty_score: score when both masks are empty (1.0; NaN for MONAI's behaviour). Exactly
+            one empty mask scores 0.
+        backend: ``"auto"`` (MONAI if installed, else the built-in exact computation),
+            ``"torch"`` (built-in) or ``"monai"`` (ImportError naming the ``vlsegkit[metrics]``
+            extra if MONAI or scipy is missing).
+
+    Returns:
+        ``(B,)`` float32 scores in [0, 1] on ``pred``'s device.
+    """
+    if not (isinstance(tolerance, numbers.Real) and math.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
+    return _surface_scores(
+        "nsd",
+        pred,
+        target,
+        value=float(tolerance),
+        threshold=threshold,
+        spacing=spacing,
+        empty_score=empty_score,
+        missing_score=0.0,
+        backend=backend,
+    )
+
+
+def hausdorff_distance(
+    pred: Tensor,
+    target: Tensor,
+    *,
+    percentile: float | None = 95.0,
+    threshold: float = 0.5,
+    spacing: float | Sequence[float] | None = None,
+    empty_score: float = math.nan,
+    missing_score: float = math.nan,
+    backend: str = "auto",
+) -> Tensor:
+    """Per-image symmetric (percentile) Hausdorff distance between mask boundaries.
+
+    ``HD_q = max(P_q{d(x, ∂G)}_{x ∈ ∂P}, P_q{d(y, ∂P)}_{y ∈ ∂G})`` with ``P_q`` the q-th
+    percentile (linear interpolation), as MONAI ``compute_hausdorff_distance``; q = 95 is HD95
+    (CoTexNet), ``percentile=None`` the classical maximum.
+
+    Args:
+        pred: ``(B, 1, H, W)`` probabilities (binarised as ``pred > threshold``) or a bool mask.
+        target: ``(B, 1, H, W)`` ground truth in {0, 1} (binarised at 0.5) or bool.
+        percentile: q in [0, 100], or None for the maximum distance.
+        threshold: probability threshold for ``pred``.
+        spacing: pixel size, a number or ``(spacing_y, spacing_x)``; distances are in these units.
+        empty_score: value when both masks are empty (NaN: undefined, dropped from meter means).
+        missing_score: value when exactly one mask is empty (NaN as MONAI; ``inf`` or a finite
+            penalty such as the image diagonal to count missed or hallucinated lesions).
+        backend: ``"auto"``, ``"torch"`` or ``"monai"`` (see ``normalized_surface_dice``).
+
+    Returns:
+        ``(B,)`` float32 distances on ``pred``'s device.
+    """
+    if percentile is not None and not (
+        isinstance(percentile, numbers.Real) and 0 <= percentile <= 100
+    ):
+        raise ValueError(f"percentile must be in [0, 100] or None, got {percentile!r}")
+    return _surface_scores(
+        "hd",
+        pred,
+        target,
+        value=None if percentile is None else float(percentile),
+        threshold=threshold,
+        spacing=spacing,
+        empty_score=empty_score,
+        missing_score=missing_score,
+        backend=backend,
+    )
+
+
+def hd95(pred: Tensor, target: Tensor, **kwargs: Any) -> Tensor:
+    """The 95th-percentile Hausdorff distance, ``hausdorff_distance(..., percentile=95)``.
+
+    Args:
+        pred: ``(B, 1, H, W)`` probabilities or bool mask.
+        target: ``(B, 1, H, W)`` ground truth.
+        **kwargs: any other keyword of ``hausdorff_distance``.
+
+    Returns:
+        ``(B,)`` float32 distances.
+    """
+    return hausdorff_distance(pred, target, percentile=95.0, **kwargs)
+
+
+# --------------------------------------------------------------------------- calibration
+def _probabilities(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Validated float64 ``(B, H*W)`` probabilities and {0, 1} ground truth."""
+    _check_pair(pred, target)
+    if pred.dtype == torch.bool:
+        prob = pred.double()
+    elif pred.is_floating_point():
+        prob = pred.double()
+        if prob.numel() and not bool(((prob >= 0) & (prob <= 1)).all()):
+            raise ValueError(
+                "pred must hold probabilities in [0, 1] (apply torch.sigmoid to logits first), "
+                f"got values in [{float(prob.min()):.4g}, {float(prob.max()):.4g}]"
+            )
+    else:
+        raise ValueError(f"pred must be a float probability or bool tensor, got {pred.dtype}")
+    return prob.flatten(1), _binary(target, 0.5).flatten(1).double()
+
+
+def brier_score(pred: Tensor, target: Tensor) -> Tensor:
+    """Per-image Brier score, the pixel mean of ``(p − y)²`` (Brier 1950; lower is better).
+
+    Differentiable in ``pred``: it is the mean squared error of the probabilities.
+
+    Args:
+        pred: ``(B, 1, H, W)`` foreground probabilities in [0, 1].
+        target: ``(B, 1, H, W)`` ground truth in {0, 1} (binarised at 0.5) or bool.
+
+    Returns:
+        ``(B,)`` scores in [0, 1], float32 (float64 for float64 input).
+    """
+    prob, y = _probabilities(pred, target)
+    out_dtype = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    return (prob - y).square().mean(1).to(out_dtype)
+
+
+def _check_calibration_args(num_bins: int, mode: str) -> None:
+    if not isinstance(num_bins, numbers.Integral) or num_bins < 1:
+        raise ValueError(f"num_bins must be a positive int, got {num_bins!r}")
+    if mode not in ("top_label", "positive"):
+        raise ValueError(f"mode must be 'top_label' or 'positive', got {mode!r}")
+
+
+def _calibration_bins(
+    pred: Tensor, target: Tensor, num_bins: int, mode: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-image, per-bin pixel counts, confidence and accuracy sums, each ``(B, M)`` float64."""
+    _check_calibration_args(num_bins, mode)
+    prob, y = _probabilities(pred, target)
+    if mode == "top_label":
+        fg = prob > 0.5
+        conf = torch.where(fg, prob, 1 - prob)
+        acc = (fg.double() == y).double()
+    else:
+        conf, acc = prob, y
+    # Bins [k/M, (k+1)/M); confidence 1 falls in the last bin.
+    index = (conf * num_bins).floor().long().clamp_(0, num_bins - 1)
+    shape = (prob.shape[0], num_bins)
+    counts = torch.zeros(shape, dtype=torch.float64, device=prob.device)
+    conf_sum, acc_sum = torch.zeros_like(counts), torch.zeros_like(counts)
+    counts.scatter_add_(1, index, torch.ones_like(conf))
+    conf_sum.scatter_add_(1, index, conf)
+    acc_sum.scatter_add_(1, index, acc)
+    return counts, conf_sum, acc_sum
+
+
+def _ece_from_bins(counts: Tensor, conf_sum: Tensor, acc_sum: Tensor) -> Tensor:
+    # Σ_k (n_k / n)·|acc_k − conf_k| = Σ_k |Σacc_k − Σconf_k| / n: no division by empty bins.
+    return (acc_sum - conf_sum).abs().sum(-1) / counts.sum(-1).clamp_min(1)
+
+
+def expected_calibration_error(
+    pred: Tensor, target: Tensor, *, num_bins: int = 15, mode: str = "top_label"
+) -> Tensor:
+    """Per-image expected calibration error over the image's pixels (Guo et al. 2017).
+
+    ``ECE = Σ_k (n_k / n)·|acc_k − conf_k|`` over ``num_bins`` equal-width confidence bins; see the
+    module docstring for the two ``mode`` definitions. For the data-set ECE pooled over all
+    pixels use ``CalibrationMeter``.
+
+    Args:
+        pred: ``(B, 1, H, W)`` foreground probabilities in [0, 1].
+        target: ``(B, 1, H, W)`` ground truth in {0, 1} (binarised at 0.5) or bool.
+        num_bins: number of equal-width bins on [0, 1] (15 as torchmetrics).
+        mode: ``"top_label"`` (confidence of the predicted label) or ``"positive"`` (foreground
+            probability against foreground frequency).
+
+    Returns:
+        ``(B,)`` float32 errors in [0, 1].
+    """
+    return _ece_from_bins(*_calibration_bins(pred, target, num_bins, mode)).float()
+
+
+class CalibrationMeter:
+    """Pools pixels over batches for the data-set ECE, Brier score and reliability diagram.
+
+    Unlike the per-image mean of ``expected_calibration_error``, the bins collect every pixel of
+    every image, which is the usual "ECE of a segmentation model".
+
+    Args:
+        num_bins: number of equal-width confidence bins.
+        mode: ``"top_label"`` or ``"positive"`` (see ``expected_calibration_error``).
+    """
+
+    def __init__(self, *, num_bins: int = 15, mode: str = "top_label") -> None:
+        _check_calibration_args(num_bins, mode)
+        self.num_bins = int(num_bins)
+        self.mode = mode
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget all accumulated pixels."""
+        zeros = torch.zeros(self.num_bins, dtype=torch.float64)
+        self._counts, self._conf, self._acc = zeros.clone(), zeros.clone(), zeros.clone()
+        self._squared_error = 0.0
+
+    @torch.no_grad()
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        """Add a batch of ``(B, 1, H, W)`` probabilities and ground-truth masks."""
+        counts, conf, acc = _calibration_bins(pred, target, self.num_bins, self.mode)
+        self._counts += counts.sum(0).cpu()
+        self._conf += conf.sum(0).cpu()
+        self._acc += acc.sum(0).cpu()
+        prob, y = _probabilities(pred, target)
+        self._squared_error += float((prob - y).square().sum())
+
+    @property
+    def count(self) -> int:
+        """Number of pixels seen."""
+        return int(self._counts.sum())
+
+    def compute(self) -> dict[str, float]:
+        """``{"ece": ..., "brier": ...}`` over all pixels seen (NaN when nothing was seen)."""
+        if self.count == 0:
+            return {"ece": math.nan, "brier": math.nan}
+        ece = float(_ece_from_bins(self._counts, self._conf, self._acc))
+        return {"ece": ece, "brier": self._squared_error / self.count}
+
+    def reliability(self) -> dict[str, Tensor]:
+        """Per-bin ``count``, mean ``confidence`` and ``accuracy`` (NaN for empty bins), float64."""
+        safe = self._counts.clamp_min(1)
+        empty = self._counts == 0
+        nan = torch.full_like(safe, math.nan)
+        return {
+            "count": self._counts.clone(),
+            "confidence": torch.where(empty, nan, self._conf / safe),
+            "accuracy": torch.where(empty, nan, self._acc / safe),
+        }
+
+
+# --------------------------------------------------------------------------- aggregation
 class MetricTracker:
     """Running weighted means of named scalar metrics.
 
@@ -137,26 +637,75 @@ class MetricTracker:
         return f"{type(self).__name__}({means})"
 
 
+_METRICS = ("dice", "iou", "nsd", "hd95", "hd", "brier", "ece")
+
+
 class SegmentationMeter:
-    """Accumulates per-image Dice and IoU over batches and reports their means.
+    """Accumulates per-image scores over batches and reports their means over images.
 
     Means are over images, not over batches, so uneven batch sizes do not bias them. NaN scores
-    (``empty_score=float("nan")``) are left out of the means.
+    (e.g. ``empty_score=float("nan")``, or HD95 with an empty mask) are left out of the means.
 
     Args:
+        metrics: names to compute, any of ``"dice"``, ``"iou"``, ``"nsd"``, ``"hd95"``, ``"hd"``
+            (maximum), ``"brier"``, ``"ece"`` (per-image ECE; see ``CalibrationMeter`` for the
+            pooled one). Brier and ECE need probabilities, not bool masks.
         threshold: probability threshold for predictions.
-        empty_score: score of an image with empty prediction and empty ground truth.
+        empty_score: score of an image with empty prediction and empty ground truth for Dice, IoU
+            and NSD (the Hausdorff distances keep their NaN conventions).
+        tolerance: NSD tolerance in ``spacing`` units.
+        spacing: pixel size for NSD / HD, a number or ``(spacing_y, spacing_x)``.
+        num_bins: ECE bins.
+        backend: ``"auto"``, ``"torch"`` or ``"monai"`` for NSD / HD.
     """
 
-    def __init__(self, *, threshold: float = 0.5, empty_score: float = 1.0) -> None:
+    def __init__(
+        self,
+        *,
+        metrics: Sequence[str] = ("dice", "iou"),
+        threshold: float = 0.5,
+        empty_score: float = 1.0,
+        tolerance: float = 2.0,
+        spacing: float | Sequence[float] | None = None,
+        num_bins: int = 15,
+        backend: str = "auto",
+    ) -> None:
+        metrics = tuple(metrics)
+        unknown = [m for m in metrics if m not in _METRICS]
+        if not metrics or unknown or len(set(metrics)) != len(metrics):
+            raise ValueError(f"metrics must be distinct names among {_METRICS}, got {metrics!r}")
+        self.metrics = metrics
         self.threshold = threshold
         self.empty_score = empty_score
-        self._scores: dict[str, list[Tensor]] = {"dice": [], "iou": []}
+        self.tolerance = tolerance
+        self.spacing = spacing
+        self.num_bins = num_bins
+        self.backend = backend
+        self._scores: dict[str, list[Tensor]] = {name: [] for name in metrics}
 
     def reset(self) -> None:
         """Forget all accumulated scores."""
         for values in self._scores.values():
             values.clear()
+
+    def _score(self, name: str, pred: Tensor, target: Tensor) -> Tensor:
+        overlap = {"threshold": self.threshold, "empty_score": self.empty_score}
+        surface = {"threshold": self.threshold, "spacing": self.spacing, "backend": self.backend}
+        if name == "dice":
+            return dice_score(pred, target, **overlap)
+        if name == "iou":
+            return iou_score(pred, target, **overlap)
+        if name == "nsd":
+            return normalized_surface_dice(
+                pred, target, tolerance=self.tolerance, empty_score=self.empty_score, **surface
+            )
+        if name in ("hd95", "hd"):
+            return hausdorff_distance(
+                pred, target, percentile=95.0 if name == "hd95" else None, **surface
+            )
+        if name == "brier":
+            return brier_score(pred, target)
+        return expected_calibration_error(pred, target, num_bins=self.num_bins)
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> dict[str, Tensor]:
@@ -167,19 +716,15 @@ class SegmentationMeter:
             target: ``(B, 1, H, W)`` ground truth.
 
         Returns:
-            ``{"dice": (B,), "iou": (B,)}`` the batch's per-image scores.
+            ``{name: (B,)}`` the batch's per-image scores, one entry per requested metric.
         """
-        kwargs = {"threshold": self.threshold, "empty_score": self.empty_score}
-        batch = {
-            "dice": dice_score(pred, target, **kwargs),
-            "iou": iou_score(pred, target, **kwargs),
-        }
+        batch = {name: self._score(name, pred, target) for name in self.metrics}
         for name, values in batch.items():
-            self._scores[name].append(values.detach().cpu())
+            self._scores[name].append(values.detach().float().cpu())
         return batch
 
     def scores(self) -> dict[str, Tensor]:
-        """All per-image scores so far, ``{"dice": (N,), "iou": (N,)}``."""
+        """All per-image scores so far, ``{name: (N,)}``."""
         return {
             name: torch.cat(values) if values else torch.zeros(0)
             for name, values in self._scores.items()
@@ -188,10 +733,10 @@ class SegmentationMeter:
     @property
     def count(self) -> int:
         """Number of images scored."""
-        return sum(v.numel() for v in self._scores["dice"])
+        return sum(v.numel() for v in self._scores[self.metrics[0]])
 
     def compute(self) -> dict[str, float]:
-        """``{"dice": mean, "iou": mean}`` over images (NaN when nothing was scored)."""
+        """``{name: mean}`` over images, NaNs ignored (NaN when nothing was scored)."""
         return {name: _nanmean(values) for name, values in self.scores().items()}
 
 

@@ -1,5 +1,6 @@
 """Datasets and batching helpers."""
 
+from .dataset import ImageMaskPromptDataset, SegmentationSample
 from .synthetic import (
     ComponentAttributes,
     SyntheticLesions,
@@ -8,12 +9,30 @@ from .synthetic import (
     connected_components,
     mask_attributes,
 )
+from .templates import (
+    CAMUS_CLASSES,
+    CHEXLOCALIZE_CLASSES,
+    DATASET_TEMPLATES,
+    PromptTemplates,
+    get_templates,
+    mask_prompt_fields,
+    render_template,
+)
 
 __all__ = [
+    "CAMUS_CLASSES",
+    "CHEXLOCALIZE_CLASSES",
+    "DATASET_TEMPLATES",
     "ComponentAttributes",
+    "ImageMaskPromptDataset",
+    "PromptTemplates",
+    "SegmentationSample",
     "SyntheticLesions",
     "attribute_prompt",
     "collate_prompts",
     "connected_components",
+    "get_templates",
     "mask_attributes",
+    "mask_prompt_fields",
+    "render_template",
 ]
