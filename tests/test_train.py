@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
 import math
 import zlib
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from vlsegkit.data import SyntheticLesions, collate_prompts
 from vlsegkit.losses import DiceBCELoss
 from vlsegkit.metrics import dice_score, iou_score
-from vlsegkit.train import History, evaluate, fit, seed_everything
+from vlsegkit.train import EarlyStopping, History, evaluate, fit, seed_everything
 
 
 @dataclass
@@ -319,3 +321,222 @@ def test_bad_inputs():
         evaluate(ReturnsDict(), data)
     with pytest.raises(FloatingPointError, match="batch 0"):
         fit(NaNModel(), data, progress=False)
+
+
+# --------------------------------------------------------------------------- v2: data, schedules,
+# early stopping, logs
+class IndexLog(Dataset):
+    """SyntheticLesions that records which items were read, in order."""
+
+    def __init__(self, **kwargs) -> None:
+        self.inner = SyntheticLesions(**kwargs)
+        self.seen: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        self.seen.append(int(i))
+        return self.inner[i]
+
+
+def test_dataset_input_and_seeded_data_order():
+    torch.manual_seed(8)
+    base = TinySeg()
+    from_ds, from_loader = copy.deepcopy(base), copy.deepcopy(base)
+    ds = IndexLog(length=12, image_size=16, seed=0)
+    fit(from_ds, ds, batch_size=4, shuffle=False, lr=1e-2, progress=False)
+    assert ds.seen == list(range(12))
+    fit(from_loader, loader(12, 4, size=16), lr=1e-2, progress=False)
+    assert torch.equal(params_of(from_ds), params_of(from_loader))
+
+    # Shuffled: a seeded permutation per epoch, the same for a Dataset and a shuffling DataLoader.
+    ds = IndexLog(length=12, image_size=16, seed=0)
+    a, b, c = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+    fit(a, ds, batch_size=4, epochs=2, seed=3, progress=False)
+    order = ds.seen
+    epoch0, epoch1 = order[:12], order[12:]
+    assert sorted(epoch0) == sorted(epoch1) == list(range(12))
+    assert epoch0 != list(range(12)) and epoch0 != epoch1
+    ds.seen = []
+    shuffling = DataLoader(ds, batch_size=4, shuffle=True, collate_fn=collate_prompts)
+    fit(b, shuffling, epochs=2, seed=3, progress=False)
+    assert ds.seen == order and torch.equal(params_of(a), params_of(b))
+    ds.seen = []
+    fit(c, ds, batch_size=4, epochs=2, seed=4, progress=False)
+    assert ds.seen != order
+
+
+def cosine_reference(t: int, *, lr: float, warmup: int, total: int | None, floor: float) -> float:
+    if t < warmup:
+        return lr * (t + 1) / (warmup + 1)
+    if total is None:
+        return lr
+    p = min(1.0, (t - warmup) / (total - warmup))
+    return lr * (floor + (1 - floor) * (1 + math.cos(math.pi * p)) / 2)
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "warmup", "max_steps", "total"),
+    [("cosine", 3, None, 8), ("cosine", 0, 5, 5), (None, 3, None, None)],
+)
+def test_warmup_cosine_schedule_matches_reference(scheduler, warmup, max_steps, total):
+    records = []
+    fit(
+        TinySeg(width=4),
+        loader(16, 4, size=8),
+        epochs=2,
+        lr=0.02,
+        scheduler=scheduler,
+        warmup_steps=warmup,
+        min_lr_ratio=0.1,
+        max_steps=max_steps,
+        log_fn=records.append,
+        progress=False,
+    )
+    lrs = [r["lr"] for r in records if "loss" in r]
+    expected = [
+        cosine_reference(t, lr=0.02, warmup=warmup, total=total, floor=0.1) for t in range(len(lrs))
+    ]
+    assert len(lrs) == (total or 8)
+    assert lrs == pytest.approx(expected, rel=1e-12, abs=0)
+    if scheduler == "cosine":
+        assert lrs[-1] < 0.2 * 0.02  # decayed close to the floor of 0.1·lr
+
+
+class ConstantSeg(Oracle):
+    """Predicts from the image only, with a parameter of zero gradient: the loss never changes."""
+
+
+def constant_loss_run(epochs, **kwargs):
+    model = ConstantSeg()
+    records = []
+    history = fit(
+        model,
+        loader(4, 4, size=8),
+        epochs=epochs,
+        lr=0.1,
+        monitor="train_loss",
+        log_fn=records.append,
+        progress=False,
+        optimizer=kwargs.pop("optimizer", None) or torch.optim.SGD(model.parameters(), lr=0.1),
+        **kwargs,
+    )
+    return history, [r["lr"] for r in records if "loss" in r]
+
+
+def test_plateau_schedule_reduces_lr_when_the_monitor_stalls():
+    # torch's defaults: patience 10, factor 0.1, so epoch 12 is the first at the reduced rate.
+    history, lrs = constant_loss_run(13, scheduler="plateau")
+    assert lrs == pytest.approx([0.1] * 12 + [0.01], rel=1e-12)
+    assert history.best_epoch == 0 and history.monitor == "train_loss"
+    model = ConstantSeg()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(sgd, patience=1, factor=0.5)
+    _, lrs = constant_loss_run(6, optimizer=sgd, scheduler=plateau)
+    assert lrs == pytest.approx([0.1, 0.1, 0.1, 0.05, 0.05, 0.025], rel=1e-12)
+
+
+def test_early_stopping_ends_training():
+    rule = EarlyStopping(metric="train_loss", patience=3)
+    history, lrs = constant_loss_run(10, early_stopping=rule)
+    # Epoch 0 sets the best, epochs 1-3 do not improve: stop after 4 epochs.
+    assert history.stopped_early and history.epochs == 4 and len(lrs) == 4
+    assert rule.bad_epochs == 3 and rule.best == history.train_loss[0]
+    # Without the rule all epochs run, and a rule is reset by every new fit.
+    history, _ = constant_loss_run(6)
+    assert not history.stopped_early and history.epochs == 6
+    history, _ = constant_loss_run(10, early_stopping=rule)
+    assert history.epochs == 4
+
+
+def early_stopping_reference(values, mode, patience, min_delta):
+    best, bad = None, 0
+    for i, v in enumerate(values):
+        better = best is None or (v < best - min_delta if mode == "min" else v > best + min_delta)
+        if v != v:
+            better = False
+        if better:
+            best, bad = v, 0
+        else:
+            bad += 1
+            if bad >= patience:
+                return i
+    return None
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+@pytest.mark.parametrize("patience", [0, 1, 3])
+@pytest.mark.parametrize("min_delta", [0.0, 0.05])
+def test_early_stopping_rule_matches_reference(mode, patience, min_delta):
+    gen = torch.Generator().manual_seed(patience * 10 + int(min_delta * 100))
+    for _ in range(20):
+        values = (torch.rand(12, generator=gen) * 0.3).cumsum(0)
+        values = (values + 0.2 * torch.randn(12, generator=gen)).tolist()
+        values[3] = float("nan")
+        rule = EarlyStopping(metric="val_loss", mode=mode, patience=patience, min_delta=min_delta)
+        stopped = next((i for i, v in enumerate(values) if rule.update(v)), None)
+        assert stopped == early_stopping_reference(values, mode, patience, min_delta)
+
+
+def test_early_stopping_arguments():
+    assert EarlyStopping(metric="val_loss").resolved_mode == "min"
+    assert EarlyStopping(metric="dice").resolved_mode == "max"
+    assert EarlyStopping(metric="dice", mode="min").resolved_mode == "min"
+    with pytest.raises(ValueError, match="patience"):
+        EarlyStopping(patience=-1)
+    with pytest.raises(ValueError, match="mode"):
+        EarlyStopping(mode="up")
+    with pytest.raises(ValueError, match="min_delta"):
+        EarlyStopping(min_delta=-0.1)
+    with pytest.raises(ValueError, match=r"early_stopping.metric 'dice'.*\['train_loss'\]"):
+        fit(TinySeg(), loader(4, 4, size=8), early_stopping=EarlyStopping(metric="dice"))
+
+
+def test_jsonl_log_matches_log_fn(tmp_path):
+    records = []
+    kwargs = dict(epochs=2, val_loader=loader(4, 4, size=8, seed=7), progress=False)
+    fit(TinySeg(), loader(8, 4, size=8), log_dir=tmp_path, log_fn=records.append, **kwargs)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == records
+    assert len(records) == 2 * 2 + 2 and {"val_dice", "train_loss"} <= set(records[2])
+    # A fresh run replaces the log rather than appending to it.
+    fit(TinySeg(), loader(8, 4, size=8), log_dir=tmp_path, **{**kwargs, "epochs": 1})
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_tensorboard_is_optional(tmp_path):
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ImportError, match="pip install tensorboard"):
+            fit(TinySeg(), loader(4, 4, size=8), log_dir=tmp_path, tensorboard=True)
+        pytest.skip("tensorboard is not installed")
+    fit(TinySeg(), loader(4, 4, size=8), log_dir=tmp_path, tensorboard=True, progress=False)
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def test_bad_arguments_v2(tmp_path):
+    data = loader(4, 4, size=8)
+    model = TinySeg()
+    cases = [
+        (dict(scheduler="linear"), "scheduler must be 'cosine', 'plateau'"),
+        (dict(scheduler="plateau", warmup_steps=2), "warmup_steps is only supported"),
+        (dict(warmup_steps=-1), "warmup_steps must be >= 0"),
+        (dict(min_lr_ratio=1.5), "min_lr_ratio"),
+        (dict(scheduler_interval="batch"), "scheduler_interval"),
+        (dict(checkpoint_every=2), "checkpoint_every needs checkpoint_dir"),
+        (dict(checkpoint_every=0, checkpoint_dir=tmp_path), "checkpoint_every must be >= 1"),
+        (dict(resume=True), "resume=True needs checkpoint_dir"),
+        (dict(resume=3), "resume must be a bool or a checkpoint path"),
+        (dict(batch_size=0), "batch_size must be >= 1"),
+        (dict(num_workers=-1), "num_workers"),
+        (dict(tensorboard=True), "tensorboard=True needs log_dir"),
+        (dict(monitor="val_dice"), r"monitor 'val_dice' .*\['train_loss'\]"),
+        (dict(scheduler=torch.optim.lr_scheduler.StepLR(
+            torch.optim.SGD(TinySeg().parameters(), lr=0.1), 1)), "attached to the optimizer"),
+    ]  # fmt: skip
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fit(model, data, progress=False, **kwargs)
+    unsized = (batch for batch in data)
+    with pytest.raises(ValueError, match="scheduler='cosine' needs the number of steps"):
+        fit(model, unsized, scheduler="cosine", progress=False)
