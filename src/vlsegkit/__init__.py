@@ -8,28 +8,48 @@ from .layers import PixelTextHead, PVLAdapter, PVLAttention
 from .losses import DiceBCELoss, SoftPatchContrastiveLoss
 from .models import VLSM, CLIPSeg, SegmentationOutput
 from .ops import probabilistic_attention
+from .prompts import (
+    VPT,
+    CoCoOp,
+    CoOp,
+    LearnableUpsampler,
+    MaPLe,
+    SharedAttention,
+    SharedSeparate,
+    TunedModel,
+    load_tuned,
+)
 from .registry import create_model, list_models
 from .tokenizers import BertTokenizer, CLIPTokenizer, TextBatch, load_tokenizer
 
 __all__ = [
     "VLSM",
+    "VPT",
     "BertTokenizer",
     "CLIPSeg",
     "CLIPTokenizer",
     "CheckpointError",
+    "CoCoOp",
+    "CoOp",
     "DiceBCELoss",
     "FiLMDecoder",
+    "LearnableUpsampler",
+    "MaPLe",
     "PVLAdapter",
     "PVLAttention",
     "PixelTextHead",
     "SegmentationOutput",
+    "SharedAttention",
+    "SharedSeparate",
     "SoftPatchContrastiveLoss",
     "TextBatch",
     "TokenState",
     "Tower",
+    "TunedModel",
     "__version__",
     "create_model",
     "list_models",
     "load_tokenizer",
+    "load_tuned",
     "probabilistic_attention",
 ]

@@ -10,7 +10,7 @@ Vision-Language Models", MIDL 2024) fine-tunes it as a baseline. The towers are 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -142,6 +142,11 @@ class CLIPSeg(VLSM):
         self.image_mean = tuple(float(x) for x in image_mean)
         self.image_std = tuple(float(x) for x in image_std)
         self.tokenizer = CLIPTokenizer.from_open_clip(context_length=self.text_tower.max_positions)
+        #: Width of the decoder features ``forward(output_decoder_features=True)`` returns.
+        self.decoder_feature_dim = reduce_dim
+        #: Recompute tower block activations in backward instead of storing them (saves memory
+        #: when gradients flow through frozen towers to prompts); a runtime switch, not config.
+        self.gradient_checkpointing = False
         if freeze_backbone:
             self.freeze_backbone()
 
@@ -166,19 +171,38 @@ class CLIPSeg(VLSM):
 
     # ------------------------------------------------------------------ conditions
     def encode_text(
-        self, prompts: str | Sequence[str] | None = None, *, input_ids=None, attention_mask=None
+        self,
+        prompts: str | Sequence[str] | None = None,
+        *,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        context: Sequence[Tensor] | None = None,
     ) -> Tensor:
-        """Projected text embeddings ``(T, E)`` of prompts (strings) or token ids ``(T, L)``."""
+        """Projected text embeddings ``(T, E)`` of prompts (strings) or token ids ``(T, L)``.
+
+        Args:
+            prompts: T strings (tokenised with room left for the context).
+            input_ids, attention_mask: pre-tokenised prompts ``(T, L)`` instead of strings.
+            context: per-depth learnable context ``[P_0, ..., P_{J-1}]``, each ``(n, D)`` or
+                ``(T, n, D)``: ``P_0`` is inserted after BOS, ``P_i`` replaces the context slots
+                before text block ``i`` (see :mod:`vlsegkit.prompts`).
+        """
+        context = list(context or ())
+        num_context = context[0].shape[-2] if context else 0
         if input_ids is None:
             if isinstance(prompts, str):
                 prompts = [prompts]
-            batch = self.tokenizer(list(prompts))
+            batch = self.tokenizer(list(prompts), reserve=num_context)
             input_ids, attention_mask = batch.input_ids, batch.attention_mask
         device = self.decoder.film_mul.weight.device
         input_ids = input_ids.to(device)
         attention_mask = None if attention_mask is None else attention_mask.to(device)
-        with torch.set_grad_enabled(_needs_grad(self.text_tower)):
-            return self.text_tower(input_ids, attention_mask).pooled
+        with torch.set_grad_enabled(_needs_grad(self.text_tower, *context)):
+            state = self.text_tower.embed(
+                input_ids, attention_mask, context=context[0] if context else None
+            )
+            state = self._run_blocks(self.text_tower, state, context)
+            return self.text_tower.pool(state)
 
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         """Projected image embeddings ``(B, E)`` (support-image conditioning)."""
@@ -193,8 +217,13 @@ class CLIPSeg(VLSM):
         attention_mask,
         conditional_pixel_values,
         conditional_embeddings,
+        context: Sequence[Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Condition rows ``(T, E)`` and the ``(B, C)`` index of the row each output channel uses."""
+        """Condition rows ``(T, E)`` and the ``(B, C)`` index of the row each output channel uses.
+
+        ``context`` (per-depth learnable text context, see ``encode_text``) applies to text
+        conditions only; a per-image context ``(B, n, D)`` gives one row per (image, prompt) pair.
+        """
         given = [
             name
             for name, v in (
@@ -211,14 +240,20 @@ class CLIPSeg(VLSM):
                 f"conditional_embeddings (got {given or 'none'})"
             )
         b = batch_size
+        context = list(context or ())
+        if context and prompts is None and input_ids is None:
+            raise ValueError(
+                "a text context (prompt learner) needs text conditions: pass prompts or input_ids, "
+                "not conditional_pixel_values / conditional_embeddings"
+            )
         if prompts is not None:
             if isinstance(prompts, str):
-                return self.encode_text([prompts]), torch.zeros(b, 1, dtype=torch.long)
+                return self._encode_rows([prompts], torch.zeros(b, 1, dtype=torch.long), context)
             prompts = list(prompts)
             if not prompts:
                 raise ValueError("prompts must not be an empty list")
             if all(isinstance(p, str) for p in prompts):
-                return self.encode_text(prompts), _pairing(b, len(prompts))
+                return self._encode_rows(prompts, _pairing(b, len(prompts)), context)
             if all(isinstance(p, (list, tuple)) for p in prompts):
                 counts = {len(p) for p in prompts}
                 if len(prompts) != b or len(counts) != 1 or 0 in counts:
@@ -230,7 +265,7 @@ class CLIPSeg(VLSM):
                 flat = [s for row in prompts for s in row]
                 if not all(isinstance(s, str) for s in flat):
                     raise TypeError("prompts must be strings")
-                return self.encode_text(flat), torch.arange(b * c).view(b, c)
+                return self._encode_rows(flat, torch.arange(b * c).view(b, c), context)
             raise TypeError("prompts must be a string, a list of strings or a list of lists")
         if input_ids is not None:
             if input_ids.dim() != 2:
@@ -240,8 +275,8 @@ class CLIPSeg(VLSM):
                     f"attention_mask {tuple(attention_mask.shape)} must match input_ids "
                     f"{tuple(input_ids.shape)}"
                 )
-            emb = self.encode_text(input_ids=input_ids, attention_mask=attention_mask)
-            return emb, _pairing(b, emb.shape[0])
+            tokens = (input_ids, attention_mask)
+            return self._encode_rows(tokens, _pairing(b, input_ids.shape[0]), context)
         if conditional_pixel_values is not None:
             if conditional_pixel_values.dim() != 4:
                 raise ValueError(
@@ -262,23 +297,88 @@ class CLIPSeg(VLSM):
             f"got {tuple(emb.shape)}"
         )
 
+    def _encode_rows(self, texts, index: Tensor, context: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Encode T texts (strings, or ``(input_ids, attention_mask)``) for the ``(B, C)`` index.
+
+        A shared context (or none) encodes the T texts once; a per-image context ``(B, n, D)``
+        encodes every (image, prompt) pair with that image's context (CoCoOp).
+        """
+        per_image = bool(context) and context[0].dim() == 3
+        if not per_image:
+            if isinstance(texts, tuple):
+                ids, mask = texts
+                return self.encode_text(input_ids=ids, attention_mask=mask, context=context), index
+            return self.encode_text(texts, context=context), index
+        b, c = index.shape
+        for depth, ctx in enumerate(context):
+            if ctx.shape[0] != b:
+                raise ValueError(
+                    f"per-image context at depth {depth} must have shape (B={b}, n, D), "
+                    f"got {tuple(ctx.shape)}"
+                )
+        if isinstance(texts, tuple):
+            ids, mask = texts
+        else:
+            batch = self.tokenizer(list(texts), reserve=context[0].shape[-2])
+            ids, mask = batch.input_ids, batch.attention_mask
+        rows = index.reshape(-1).to(ids.device)
+        image = torch.arange(b, device=context[0].device).repeat_interleave(c)
+        emb = self.encode_text(
+            input_ids=ids[rows],
+            attention_mask=None if mask is None else mask[rows],
+            context=[ctx[image] for ctx in context],
+        )
+        return emb, torch.arange(b * c).view(b, c)
+
     # ------------------------------------------------------------------ forward
-    def vision_activations(self, pixel_values: Tensor):
+    def _run_blocks(
+        self, tower, state, prompts: Sequence[Tensor] = (), *, start: int = 0, stop=None, keep=()
+    ):
+        """Blocks ``start .. stop - 1`` with deep-prompt replacement; also returns kept states."""
+        from ..prompts.base import deep_prompt_hook, step_block
+
+        hook = deep_prompt_hook(prompts)
+        stop = tower.num_layers if stop is None else stop
+        kept = []
+        for i in range(start, stop):
+            state = hook(i, state)
+            state = step_block(tower, i, state, gradient_checkpointing=self.gradient_checkpointing)
+            if i in keep:
+                kept.append(state.tokens)
+        return (state, kept) if keep else state
+
+    def vision_activations(self, pixel_values: Tensor, *, prompts: Sequence[Tensor] | None = None):
         """Run the vision tower up to the deepest extracted block.
 
+        Args:
+            pixel_values: ``(B, 3, H, W)``.
+            prompts: optional per-depth vision prompts ``[P_0, ..., P_{J-1}]``, each ``(n, D)`` or
+                ``(B, n, D)``: ``P_0`` is inserted at embedding time, ``P_i`` replaces the prompt
+                slots before block ``i`` (VPT-deep).
+
         Returns:
-            The list of extracted ``(B, N, D)`` hidden states (shallow to deep) and the final state.
+            The list of extracted ``(B, N, D)`` hidden states (shallow to deep; prompt slots
+            included) and the final state.
         """
         if pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must be (B, 3, H, W), got {tuple(pixel_values.shape)}")
-        with torch.set_grad_enabled(_needs_grad(self.vision_tower, pixel_values)):
-            state = self.vision_tower.embed(pixel_values)
-            wanted, acts = set(self.extract_layers), []
-            for i in range(self.extract_layers[-1] + 1):
-                state = self.vision_tower.block(i, state)
-                if i in wanted:
-                    acts.append(state.tokens)
+        prompts = list(prompts or ())
+        with torch.set_grad_enabled(_needs_grad(self.vision_tower, pixel_values, *prompts)):
+            state = self.vision_tower.embed(pixel_values, prompts=prompts[0] if prompts else None)
+            state, acts = self._run_blocks(
+                self.vision_tower,
+                state,
+                prompts,
+                stop=self.extract_layers[-1] + 1,
+                keep=set(self.extract_layers),
+            )
         return acts, state
+
+    def _image_features(self, state) -> Tensor:
+        """Pooled image embedding ``(B, E)``: finish the vision pass from ``vision_activations``."""
+        with torch.set_grad_enabled(_needs_grad(self.vision_tower, state.tokens)):
+            state = self._run_blocks(self.vision_tower, state, start=self.extract_layers[-1] + 1)
+            return self.vision_tower.pool(state)
 
     def forward(
         self,
@@ -289,6 +389,8 @@ class CLIPSeg(VLSM):
         attention_mask: Tensor | None = None,
         conditional_pixel_values: Tensor | None = None,
         conditional_embeddings: Tensor | None = None,
+        prompter: Callable[..., Any] | None = None,
+        output_decoder_features: bool = False,
     ) -> SegmentationOutput:
         """Segment ``pixel_values`` under one or more conditions.
 
@@ -306,26 +408,69 @@ class CLIPSeg(VLSM):
             input_ids, attention_mask: pre-tokenised prompts ``(T, L)``.
             conditional_pixel_values: support images ``(T, 3, H', W')``.
             conditional_embeddings: ``(T, E)`` or ``(B, C, E)`` condition vectors.
+            prompter: a context learner (:mod:`vlsegkit.prompts`): called as ``prompter()`` -- or
+                ``prompter(image_features (B, E))`` when ``prompter.needs_image_features`` -- it
+                returns per-depth ``text`` / ``vision`` prompts that enter the towers (shared text
+                context before every prompt's class words; vision prompts removed before the
+                decoder unless ``decoder_sees_prompts``).
+            output_decoder_features: also return the decoder's penultimate feature map (the input of
+                its final upsampler) as ``extras["decoder_features"]`` ``(B, C, reduce_dim, h, w)``.
 
         Returns:
             :class:`SegmentationOutput` with ``logits (B, C, H, W)`` and
             ``conditional_embeddings (B, C, E)``.
         """
         b = pixel_values.shape[0] if pixel_values.dim() == 4 else -1
-        acts, state = self.vision_activations(pixel_values)
+        needs_features = bool(getattr(prompter, "needs_image_features", False))
+        learned = prompter() if prompter is not None and not needs_features else None
+        acts, state = self.vision_activations(
+            pixel_values, prompts=None if learned is None else learned.vision
+        )
+        if needs_features:
+            learned = prompter(self._image_features(state))
+            if learned.vision:
+                raise ValueError(
+                    "a prompter that needs image features cannot prompt the vision tower"
+                )
+        content_start = state.content_start
+        if learned is not None and learned.vision and not learned.decoder_sees_prompts:
+            # the decoder reads CLS + the patch grid, exactly as without prompts
+            acts = [torch.cat([a[:, : state.num_prefix], a[:, content_start:]], 1) for a in acts]
+            content_start = state.num_prefix
         cond, index = self._conditions(
-            b, prompts, input_ids, attention_mask, conditional_pixel_values, conditional_embeddings
+            b,
+            prompts,
+            input_ids,
+            attention_mask,
+            conditional_pixel_values,
+            conditional_embeddings,
+            context=None if learned is None else learned.text,
         )
         c = index.shape[1]
         rows = cond[index.reshape(-1).to(cond.device)]
         if c > 1:
             acts = [a.repeat_interleave(c, dim=0) for a in acts]
-        logits = self.decoder(
-            acts, rows.to(acts[0].dtype), grid=state.grid, content_start=state.content_start
-        )
+        captured: list[Tensor] = []
+        handle = None
+        if output_decoder_features:
+            handle = self.decoder.transposed_convolution.register_forward_pre_hook(
+                lambda _module, args: captured.append(args[0])
+            )
+        try:
+            logits = self.decoder(
+                acts, rows.to(acts[0].dtype), grid=state.grid, content_start=content_start
+            )
+        finally:
+            if handle is not None:
+                handle.remove()
         h, w = logits.shape[-2:]
+        extras = None
+        if output_decoder_features:
+            extras = {"decoder_features": captured[0].view(b, c, *captured[0].shape[1:])}
         return SegmentationOutput(
-            logits=logits.view(b, c, h, w), conditional_embeddings=rows.view(b, c, -1)
+            logits=logits.view(b, c, h, w),
+            conditional_embeddings=rows.view(b, c, -1),
+            extras=extras,
         )
 
     @torch.no_grad()

@@ -1,0 +1,58 @@
+"""Prompt tuning for frozen vision-language segmentation models (TuneVLSeg's context learners).
+
+Adhikari et al., "TuneVLSeg: Prompt Tuning Benchmark for Vision-Language Segmentation Models"
+(ACCV 2024). Every learner is a hook on the steppable towers (:mod:`vlsegkit.encoders`), so one
+implementation serves CLIP text towers (EOS pooling), BERT text towers (CLS pooling) and ViT vision
+towers:
+
+- textual: :class:`CoOp` (deep), :class:`CoCoOp` (image-conditioned);
+- visual: :class:`VPT` (shallow / deep);
+- multimodal: :class:`MaPLe`, :class:`SharedSeparate`, :class:`SharedAttention`;
+- :class:`LearnableUpsampler`: residual 5x5 conv head on the decoder's penultimate features;
+- :class:`TunedModel`: ``learner.attach(model)`` freezes the model and trains only the learner
+  (+ upsampler); ``save_pretrained`` stores only those weights plus the base's id, revision and
+  fingerprint; :func:`load_tuned` / ``TunedModel.from_pretrained`` restore the whole tuned model.
+
+Example:
+    >>> from vlsegkit import VLSM
+    >>> from vlsegkit.prompts import MaPLe
+    >>> base = VLSM.from_pretrained("CIDAS/clipseg-rd64")
+    >>> tuned = MaPLe(depth=9).attach(base)
+    >>> tuned(pixel_values, ["polyp", "tumor"]).logits.shape      # (B, 2, H, W)
+"""
+
+from .base import (
+    ContextLearner,
+    PromptSet,
+    deep_prompt_hook,
+    learner_from_config,
+    prompted_forward,
+    step_block,
+)
+from .multimodal import MaPLe, PromptTransformerLayer, SharedAttention, SharedSeparate
+from .projector import PromptProjector
+from .text import CoCoOp, CoOp
+from .tuned import TunedModel, base_fingerprint, load_tuned
+from .upsampler import LearnableUpsampler
+from .visual import VPT
+
+__all__ = [
+    "VPT",
+    "CoCoOp",
+    "CoOp",
+    "ContextLearner",
+    "LearnableUpsampler",
+    "MaPLe",
+    "PromptProjector",
+    "PromptSet",
+    "PromptTransformerLayer",
+    "SharedAttention",
+    "SharedSeparate",
+    "TunedModel",
+    "base_fingerprint",
+    "deep_prompt_hook",
+    "learner_from_config",
+    "load_tuned",
+    "prompted_forward",
+    "step_block",
+]

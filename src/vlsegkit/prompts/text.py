@@ -1,0 +1,167 @@
+"""Textual context learners: CoOp (deep) and CoCoOp.
+
+* CoOp -- Zhou et al., "Learning to Prompt for Vision-Language Models" (IJCV 2022); deep variant as in
+  TuneVLSeg (Adhikari et al., ACCV 2024, §4.1 eq. 5-6): ``B`` learnable context tokens per depth
+  ``i < J`` replace the prompt slots before text block ``i``; blocks ``i >= J`` carry them.
+* CoCoOp -- Zhou et al., "Conditional Prompt Learning for Vision-Language Models" (CVPR 2022): a
+  meta-network ``h_i`` maps the image embedding ``f`` to a shift added to every context token,
+  ``P_i(f) = P_i + h_i(f)``, so the context depends on the image. TuneVLSeg's meta-net shape
+  (``Linear -> ReLU -> Linear -> LayerNorm``, one per depth, unnormalised features) is the default.
+
+The context sits after the start token (BOS / [CLS]) -- the convention of CoOp's code and of
+TuneVLSeg's released code -- and the class name follows it, so every class of a task shares the
+learned context.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .base import ContextLearner, PromptSet, _check_image_features
+from .projector import PromptProjector
+
+__all__ = ["CoCoOp", "CoOp"]
+
+
+class CoOp(ContextLearner):
+    """Deep textual context learning (CoOp when ``depth == 1``).
+
+    Parameters ``P_i ∈ R^{B x D_t}``, ``i = 0 .. J-1``, stored as ``context (J, B, D_t)`` and
+    initialised ``N(0, init_std^2)``; ``P_0`` is then set to the token embeddings of ``init`` when given.
+    Text input to block 0 is ``[BOS, P_0, w_1 .. EOS]`` (TuneVLSeg eq. 5); before block ``i < J`` the
+    slots are overwritten by ``P_i``; after block ``J - 1`` they are ordinary tokens (eq. 6).
+
+    Args:
+        num_context: ``B`` (None: the token count of ``init``, else 4).
+        depth: ``J``, ``1 <= J <= text_layers``.
+        init: phrase initialising ``P_0`` (TuneVLSeg / CoOp: ``"a photo of a"``; None: Gaussian).
+        init_std: std of the Gaussian initialisation.
+        text_width, text_layers: text tower sizes (read by ``bind`` / ``attach`` when omitted).
+
+    Example:
+        >>> tuned = CoOp(depth=3).attach(model)       # model: a VLSM such as CLIPSeg
+        >>> logits = tuned(pixel_values, ["polyp"]).logits
+    """
+
+    phrase_init = True
+    modalities = ("text",)
+    required_dims = ("text_width", "text_layers")
+
+    def __init__(
+        self,
+        *,
+        num_context: int | None = None,
+        depth: int = 1,
+        init: str | None = "a photo of a",
+        init_std: float = 0.02,
+        text_width: int | None = None,
+        text_layers: int | None = None,
+    ) -> None:
+        super().__init__(
+            num_context=num_context,
+            depth=depth,
+            init=init,
+            init_std=init_std,
+            text_width=text_width,
+            text_layers=text_layers,
+        )
+
+    def _build(self) -> None:
+        self.context = self._normal(self.depth, self.num_context, self._dims["text_width"])
+
+    def _first_text_context(self) -> Tensor:
+        return self.context[0]
+
+    def forward(self, image_features: Tensor | None = None) -> PromptSet:
+        """Per-depth contexts ``[P_0 .. P_{J-1}]``, each ``(num_context, D_t)``; features unused."""
+        self._check_ready()
+        return PromptSet(text=list(self.context.unbind(0)))
+
+
+class CoCoOp(CoOp):
+    """Conditional (image-dependent) deep textual context: ``P_i(f) = P_i + h_i(f)``.
+
+    ``f ∈ R^{E}`` is the pooled image embedding of the (unprompted) vision tower, ``h_i`` a
+    :class:`~vlsegkit.prompts.PromptProjector` per depth (TuneVLSeg code: ``Linear(E, d_int) -> ReLU
+    -> Linear(d_int, D_t, no bias) -> LayerNorm(D_t, no bias)``; ``low_rank`` gives the "LoRA"
+    variant). The same shift is added to all ``B`` tokens of depth ``i``. Each image has its own
+    context, so the text tower runs once per (image, prompt) pair -- CoCoOp's known cost.
+
+    Args:
+        num_context, depth, init, init_std: as :class:`CoOp`.
+        hidden_dim: meta-net width ``d_int`` (TuneVLSeg searches {32, 64, 96, 128}).
+        low_rank: linear rank-``hidden_dim`` meta-net instead of the ReLU MLP.
+        norm: LayerNorm after the meta-net (TuneVLSeg ``use_proj_norm``).
+        normalize_features: L2-normalise ``f`` first (original CoCoOp; TuneVLSeg: off).
+        text_width, text_layers: text tower sizes.
+        image_dim: width ``E`` of the image embedding (vision tower ``embed_dim``).
+
+    Shapes:
+        ``forward(image_features (B, E))`` -> contexts ``(B, num_context, D_t)`` per depth.
+    """
+
+    required_dims = ("text_width", "text_layers", "image_dim")
+    needs_image_features = True
+
+    def __init__(
+        self,
+        *,
+        num_context: int | None = None,
+        depth: int = 1,
+        init: str | None = "a photo of a",
+        init_std: float = 0.02,
+        hidden_dim: int = 64,
+        low_rank: bool = False,
+        norm: bool = True,
+        normalize_features: bool = False,
+        text_width: int | None = None,
+        text_layers: int | None = None,
+        image_dim: int | None = None,
+    ) -> None:
+        self.hidden_dim, self.low_rank, self.norm = hidden_dim, low_rank, norm
+        self.normalize_features = normalize_features
+        ContextLearner.__init__(
+            self,
+            num_context=num_context,
+            depth=depth,
+            init=init,
+            init_std=init_std,
+            args=dict(
+                hidden_dim=hidden_dim,
+                low_rank=low_rank,
+                norm=norm,
+                normalize_features=normalize_features,
+            ),
+            text_width=text_width,
+            text_layers=text_layers,
+            image_dim=image_dim,
+        )
+
+    def _build(self) -> None:
+        super()._build()
+        self.meta_nets = nn.ModuleList(
+            PromptProjector(
+                self._dims["image_dim"],
+                self._dims["text_width"],
+                hidden_dim=self.hidden_dim,
+                low_rank=self.low_rank,
+                norm=self.norm,
+            )
+            for _ in range(self.depth)
+        )
+
+    def forward(self, image_features: Tensor | None = None) -> PromptSet:
+        """Per-image contexts ``P_i + h_i(f)``, each ``(B, num_context, D_t)``.
+
+        Args:
+            image_features: ``(B, E)`` pooled image embeddings.
+        """
+        self._check_ready()
+        f = _check_image_features(image_features, self._dims["image_dim"], "CoCoOp")
+        f = f.to(self.context.dtype)
+        if self.normalize_features:
+            f = nn.functional.normalize(f, dim=-1)
+        contexts = [
+            p[None] + net(f)[:, None] for p, net in zip(self.context.unbind(0), self.meta_nets)
+        ]
+        return PromptSet(text=contexts)
