@@ -2,5 +2,6 @@
 
 from .base import VLSM, SegmentationOutput
 from .clipseg import CLIPSeg
+from .medclipseg import MedCLIPSeg as MedCLIPSeg
 
 __all__ = ["VLSM", "CLIPSeg", "SegmentationOutput"]
