@@ -99,6 +99,24 @@ def to_image_tensor(image: ImageInput) -> Tensor:
     return t
 
 
+def _pairing(batch: int, rows: int) -> Tensor:
+    """``(B, C)`` index of the condition row each output channel uses.
+
+    One row per image when ``rows == B`` (the transformers convention), else every image with every
+    row (C = rows).
+    """
+    if rows == batch:
+        return torch.arange(batch).view(batch, 1)
+    return torch.arange(rows).view(1, rows).expand(batch, rows)
+
+
+def _needs_grad(module: nn.Module, *inputs: Tensor) -> bool:
+    """Whether a frozen tower must record its graph (something upstream of it wants gradients)."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(p.requires_grad for p in module.parameters()) or any(t.requires_grad for t in inputs)
+
+
 class VLSM(nn.Module):
     """Base class of vision-language segmentation models.
 

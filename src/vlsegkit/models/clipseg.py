@@ -14,14 +14,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..decoders.film import FiLMDecoder
 from ..encoders.hf_clip import from_clip_model
 from ..hub import CheckpointError, load_state_dict_strict, read_json, resolve_file
 from ..registry import register_model
 from ..tokenizers import CLIPTokenizer
-from .base import VLSM, ImageInput, SegmentationOutput
+from .base import VLSM, ImageInput, SegmentationOutput, _needs_grad, _pairing
 
 __all__ = ["CLIPSeg"]
 
@@ -568,20 +568,6 @@ class CLIPSeg(VLSM):
                 "this transformers CLIPSeg checkpoint has no decoder weights (decoder.*)"
             )
         return out
-
-
-def _pairing(batch: int, rows: int) -> Tensor:
-    """``(B, C)`` index: one row per image when ``rows == B``, else every image × every row."""
-    if rows == batch:
-        return torch.arange(batch).view(batch, 1)
-    return torch.arange(rows).view(1, rows).expand(batch, rows)
-
-
-def _needs_grad(module: nn.Module, *inputs: Tensor) -> bool:
-    """Whether a frozen tower must record its graph (something upstream of it wants gradients)."""
-    if not torch.is_grad_enabled():
-        return False
-    return any(p.requires_grad for p in module.parameters()) or any(t.requires_grad for t in inputs)
 
 
 def _preprocessing_from_hf(pre: dict[str, Any]) -> dict[str, Any]:

@@ -51,7 +51,7 @@ from ..losses import DiceBCELoss, SoftPatchContrastiveLoss
 from ..ops import probabilistic_attention
 from ..registry import register_model
 from ..tokenizers import CLIPTokenizer, PromptTokenizer, load_tokenizer
-from .base import VLSM, ImageInput, SegmentationOutput
+from .base import VLSM, ImageInput, SegmentationOutput, _needs_grad, _pairing
 
 __all__ = [
     "RELEASED_KEY_MAP",
@@ -384,19 +384,6 @@ def _take(state: TokenState, rows: Tensor) -> TokenState:
         attention_mask=None if mask is None else mask[rows],
         pool_index=None if pool is None else pool[rows],
     )
-
-
-def _pairing(batch: int, rows: int) -> Tensor:
-    """``(B, C)``: one row per image when ``rows == B``, else every image with every row."""
-    if rows == batch:
-        return torch.arange(batch).view(batch, 1)
-    return torch.arange(rows).view(1, rows).expand(batch, rows)
-
-
-def _needs_grad(module: nn.Module, *inputs: Tensor) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    return any(p.requires_grad for p in module.parameters()) or any(t.requires_grad for t in inputs)
 
 
 def _positive_int(value: Any, name: str) -> int:
