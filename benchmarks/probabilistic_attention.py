@@ -23,10 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
+
+from _memory import PeakRSS
 
 SIZES = {
     # B, heads, N (image queries), M (text keys), d = dv = D_s
@@ -41,29 +42,6 @@ def _reference(q, k_mu, k_var, v, beta: float):
     s_mu = q @ k_mu.transpose(-1, -2) / d**0.5
     s_var = (q * q) @ k_var.transpose(-1, -2) / d
     return (s_mu - beta * s_var.clamp(min=0).sqrt()).softmax(dim=-1) @ v
-
-
-def _peak_rss_reset() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes(use_hwm: bool) -> int:
-    if use_hwm:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 IMPLS = ("reference", "fused", "fused-chunked")
@@ -113,10 +91,9 @@ def _memory_worker(impl: str, size: str, chunk_size: int, threads: int) -> None:
     step()  # warm-up at full size: thread pools, BLAS buffers, autograd engine
     for t in inputs:
         t.grad = None
-    use_hwm = _peak_rss_reset()
-    before = _current_rss_bytes() if use_hwm else _peak_rss_bytes(False)
-    step()
-    print(json.dumps({"peak_mb": (_peak_rss_bytes(use_hwm) - before) / 2**20}))
+    with PeakRSS() as mem:
+        step()
+    print(json.dumps({"peak_mb": mem.growth / 2**20}))
 
 
 def _time_worker(size: str, repeats: int, chunk_size: int, threads: int) -> None:

@@ -35,10 +35,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
+
+from _memory import PeakRSS
 
 METHODS = (
     "decoder-only",
@@ -51,30 +52,6 @@ METHODS = (
     "shared-attention",
 )
 NO_CHECKPOINTING = ("decoder-only",)
-
-
-# ---------------------------------------------------------------------------- memory probes
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss(use_hwm: bool) -> int:
-    if use_hwm:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 # ---------------------------------------------------------------------------- one row
@@ -142,11 +119,9 @@ def _worker(method: str, checkpointing: bool, args: argparse.Namespace) -> None:
         peak = torch.cuda.max_memory_allocated() - before
         process_peak = torch.cuda.max_memory_allocated()
     else:
-        use_hwm = _reset_peak_rss()
-        before = _rss() if use_hwm else _peak_rss(False)
-        step()
-        peak = _peak_rss(use_hwm) - before
-        process_peak = _peak_rss(use_hwm)
+        with PeakRSS() as mem:
+            step()
+        peak, process_peak = mem.growth, mem.peak
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
