@@ -30,36 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 
+from _memory import PeakRSS
+
 PROMPT = "one small irregular lesion at the top left of the image"
-
-
-def _peak_rss_reset() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes(use_hwm: bool) -> int:
-    if use_hwm:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _setup(args: argparse.Namespace):
@@ -70,7 +48,6 @@ def _setup(args: argparse.Namespace):
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    tokenizer = write_bert_tokenizer_files(tempfile.mkdtemp(prefix="mc_bench_tok_"))
     backbone = {
         "kind": "open_clip",
         "embed_dim": 256,
@@ -81,10 +58,13 @@ def _setup(args: argparse.Namespace):
                         "num_attention_heads": 6, "intermediate_size": 1536,
                         "max_position_embeddings": 512},
     }  # fmt: skip
-    model = MedCLIPSeg(
-        backbone=backbone, adapter_dim=256, kv_norm=True, context_length=256,
-        text_padding="max_length", tokenizer=str(tokenizer), image_size=224,
-    ).eval()  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="mc_bench_tok_") as folder:
+        model = MedCLIPSeg(
+            backbone=backbone, adapter_dim=256, kv_norm=True, context_length=256,
+            text_padding="max_length", tokenizer=str(write_bert_tokenizer_files(folder)),
+            image_size=224,
+        ).eval()  # fmt: skip
+        model.tokenizer  # noqa: B018 - resolve the lazy tokenizer while its files exist
     gen = torch.Generator().manual_seed(1)
     images = [torch.rand(3, 224, 224, generator=gen) for _ in range(args.images)]
     return model, images
@@ -121,10 +101,9 @@ def _memory_worker(impl: str, args: argparse.Namespace) -> None:
     model, images = _setup(args)
     run = _run_fn(impl, model, images, args)
     run()  # warm-up: thread pools, allocator, lazy tokenizer
-    use_hwm = _peak_rss_reset()
-    before = _current_rss_bytes() if use_hwm else _peak_rss_bytes(False)
-    run()
-    print(json.dumps({"peak_mb": (_peak_rss_bytes(use_hwm) - before) / 2**20}))
+    with PeakRSS() as mem:
+        run()
+    print(json.dumps({"peak_mb": mem.growth / 2**20}))
 
 
 def _time_worker(args: argparse.Namespace) -> None:

@@ -6,7 +6,7 @@ from .encoders import TokenState, Tower
 from .hub import CheckpointError
 from .layers import PixelTextHead, PVLAdapter, PVLAttention
 from .losses import DiceBCELoss, SoftPatchContrastiveLoss
-from .models import VLSM, CLIPSeg, SegmentationOutput
+from .models import VLSM, CLIPSeg, MedCLIPSeg, MedCLIPSegLoss, SegmentationOutput
 from .ops import probabilistic_attention
 from .prompts import (
     VPT,
@@ -35,6 +35,8 @@ __all__ = [
     "FiLMDecoder",
     "LearnableUpsampler",
     "MaPLe",
+    "MedCLIPSeg",
+    "MedCLIPSegLoss",
     "PVLAdapter",
     "PVLAttention",
     "PixelTextHead",

@@ -9,6 +9,7 @@
 
 from .base import Hook, TokenState, Tower, TowerOutput, attention_bias
 from .hf_clip import HFCLIPTextTower, HFCLIPVisionTower, from_clip_model
+from .lockstep import run_lockstep
 from .open_clip import (
     HFBertTextTower,
     OpenCLIPTextTower,
@@ -30,5 +31,6 @@ __all__ = [
     "TowerOutput",
     "attention_bias",
     "from_clip_model",
+    "run_lockstep",
     "towers_from_open_clip",
 ]

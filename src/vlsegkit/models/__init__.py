@@ -2,6 +2,6 @@
 
 from .base import VLSM, SegmentationOutput
 from .clipseg import CLIPSeg
-from .medclipseg import MedCLIPSeg as MedCLIPSeg
+from .medclipseg import MedCLIPSeg, MedCLIPSegLoss
 
-__all__ = ["VLSM", "CLIPSeg", "SegmentationOutput"]
+__all__ = ["VLSM", "CLIPSeg", "MedCLIPSeg", "MedCLIPSegLoss", "SegmentationOutput"]
