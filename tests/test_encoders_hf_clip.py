@@ -10,7 +10,7 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPSegConfig, CLIPSegForImageSegmentation
 from transformers.masking_utils import create_causal_mask
 
-from vlsegkit.encoders.base import TokenState
+from vlsegkit.encoders import TowerHook, run_towers
 from vlsegkit.encoders.hf_clip import HFCLIPTextTower, HFCLIPVisionTower, from_clip_model
 
 ATOL = 1e-5
@@ -22,6 +22,13 @@ LEGACY = {"eos_token_id": 2, "bos": 98, "eos": 99, "pad": 99}
 MODERN = {"eos_token_id": 97, "bos": 95, "eos": 97, "pad": 0}
 KINDS = ("clip", "clipseg")
 IMPLS = ("sdpa", "eager")
+
+
+def _run(tower, state):
+    """Every block of ``tower`` through the runner; ``(final state, hidden states)``."""
+    name = tower.modality
+    run = run_towers({name: tower}, {name: state}, keep={name: range(tower.num_layers)})
+    return run.states[name], [state.tokens, *(s.tokens for s in run.kept[name].values())]
 
 
 def _text_cfg(conv: dict) -> dict:
@@ -128,7 +135,7 @@ def test_vision_matches_upstream(kind, impl, grid):
         ref = clip.vision_model(x, interpolate_pos_encoding=True, output_hidden_states=True)
         feats = clip.get_image_features(x, interpolate_pos_encoding=True).pooler_output
         state = tower.embed(x)
-        state, hidden = tower.run(state, output_hidden_states=True)
+        state, hidden = _run(tower, state)
         pooled, dense = tower.pool(state), tower.dense(state)
     assert state.grid == grid and state.num_prefix == 1 and state.attention_mask is None
     assert len(hidden) == len(ref.hidden_states) == tower.num_layers + 1
@@ -174,7 +181,7 @@ def test_vision_prompts_match_hand_built_upstream_sequence():
     state = tower.embed(x, prompts=prompts)
     assert (state.num_prefix, state.num_prompts) == (1, 3)
     assert state.pool_index.tolist() == [0, 0]
-    state, _ = tower.run(state)
+    state, _ = _run(tower, state)
     pooled, dense = tower.pool(state), tower.dense(state)
 
     prompts_ref = prompts.detach().clone().requires_grad_(True)
@@ -225,7 +232,7 @@ def test_text_matches_upstream(kind, impl, legacy, padded):
         feats = clip.get_text_features(ids, attention_mask=mask).pooler_output
         state = tower.embed(ids, mask)
         assert state.causal and state.pool_index.tolist() == eos.tolist()
-        state, hidden = tower.run(state, output_hidden_states=True)
+        state, hidden = _run(tower, state)
         pooled, dense = tower.pool(state), tower.dense(state)
     assert len(hidden) == len(ref.hidden_states) == tower.num_layers + 1
     for mine, theirs in zip(hidden, ref.hidden_states):
@@ -278,7 +285,7 @@ def test_text_context_matches_hand_built_upstream_sequence(impl, legacy, shared)
     assert (state.num_prefix, state.num_prompts) == (1, n)
     assert state.pool_index.tolist() == (eos + n).tolist()
     assert state.attention_mask[:, 1 : 1 + n].all()
-    state, hidden = tower.run(state, output_hidden_states=True)
+    state, hidden = _run(tower, state)
     pooled, dense = tower.pool(state), tower.dense(state)
 
     # reference: words shifted right by n, positions added by the upstream embeddings module
@@ -409,31 +416,36 @@ def test_attributes_and_ownership():
     assert n_params == sum(p.numel() for p in clip.parameters()) - 1  # all but logit_scale
 
 
-def test_block_accepts_hooks_and_stop_at():
+def test_runner_hooks_and_stop():
     clip = _clip(_model("clip", False, "eager"))
     tower = HFCLIPTextTower.from_clip_model(clip)
     ids, mask, _ = _text_batch(MODERN)
     seen = []
 
-    def hook(i: int, state: TokenState) -> TokenState:
-        seen.append(i)
-        return state.with_tokens(state.tokens * 0.5)
+    class Halve(TowerHook):
+        towers = ("text",)
+
+        def layers(self, tower):
+            return (0, 1)
+
+        def forward(self, i, states, ctx):
+            seen.append(i)
+            return {n: s.with_tokens(s.tokens * 0.5) for n, s in states.items()}
 
     with torch.no_grad():
-        state, hidden = tower.run(
-            tower.embed(ids, mask), hooks=hook, stop_at=1, output_hidden_states=True
-        )
+        embedded = tower.embed(ids, mask)
+        state = run_towers({"text": tower}, {"text": embedded}, hooks=[Halve()], stop=1)
         ref = clip.text_model.encoder.layers[0](
-            0.5 * hidden[0],
+            0.5 * embedded.tokens,
             create_causal_mask(
                 config=clip.text_model.config,
-                inputs_embeds=hidden[0],
+                inputs_embeds=embedded.tokens,
                 attention_mask=mask,
                 cache=None,
             ),
         )
-    assert seen == [0]
-    assert _maxdiff(state.tokens, ref) < ATOL
+    assert seen == [0]  # block 1 never runs: stop=1
+    assert _maxdiff(state.states["text"].tokens, ref) < ATOL
 
 
 # ----------------------------------------------------------------------------- bad inputs

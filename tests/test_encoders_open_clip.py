@@ -24,6 +24,7 @@ from open_clip.hf_model import HFTextEncoder  # noqa: E402
 from open_clip.timm_model import TimmModel  # noqa: E402
 from open_clip.transformer import TextTransformer, VisionTransformer  # noqa: E402
 
+from vlsegkit.encoders import run_towers  # noqa: E402
 from vlsegkit.encoders.base import Tower  # noqa: E402
 from vlsegkit.encoders.open_clip import (  # noqa: E402
     HFBertTextTower,
@@ -37,6 +38,13 @@ ATOL = 1e-5
 CTX = 16  # open_clip text context length
 SOS, EOT = 997, 999  # EOT is the largest id, as in the OpenAI tokenizer (argmax pooling)
 CLS, SEP, PAD = 2, 3, 0  # BERT specials
+
+
+def _steps(tower, state):
+    """Every block of ``tower`` through the runner; ``(final state, hidden states)``."""
+    name = tower.modality
+    run = run_towers({name: tower}, {name: state}, keep={name: range(tower.num_layers)})
+    return run.states[name], [state.tokens, *(s.tokens for s in run.kept[name].values())]
 
 
 def _jitter(module: nn.Module, seed: int) -> None:
@@ -219,7 +227,7 @@ def test_openclip_vision_prompts(clip_model):
     ln_pre = clip_model.visual.ln_pre
     assert _max_diff(state.prompt_tokens, ln_pre(prompts)) < ATOL
     assert _max_diff(state.content_tokens, plain[1][0][:, 1:]) < ATOL
-    state, _ = tower.run(state)
+    state, _ = _steps(tower, state)
     pooled, dense = tower.pool(state), tower.dense(state)
     assert dense.shape == (2, 16, 16)
     assert _max_diff(pooled, plain[2]) > 1e-3  # the prompts are attended to
@@ -245,7 +253,7 @@ def test_openclip_vision_avg_pool_and_final_ln_after_pool():
             assert _max_diff(pooled, visual(x)) < ATOL
             if kwargs.get("pool_type") == "avg":
                 # prompts never enter the average: only the patch tokens are pooled
-                state, _ = tower.run(tower.embed(x, prompts=torch.randn(2, 32)))
+                state, _ = _steps(tower, tower.embed(x, prompts=torch.randn(2, 32)))
                 expected = visual.ln_post(state.content_tokens).mean(1) @ visual.proj
                 assert _max_diff(tower.pool(state), expected) < ATOL
 
@@ -337,7 +345,7 @@ def test_openclip_text_context_matches_coop_reference(clip_model):
     state = tower.embed(ids, context=ctx)
     assert state.num_prompts == n and state.tokens.shape == (3, 12 + n, 32)
     assert torch.equal(state.pool_index, torch.tensor([3, 8, 11]) + n)
-    state, _ = tower.run(state)
+    state, _ = _steps(tower, state)
     pooled, dense = tower.pool(state), tower.dense(state)
 
     # CoOp (KaiyangZhou/CoOp TextEncoder): [SOS | ctx | words] + positions, causal transformer,
@@ -443,7 +451,7 @@ def test_timm_vit_registers_avg_pool(size, dynamic):
     with torch.no_grad():
         s = tower.embed(x, prompts=prompts)
         assert _max_diff(s.tokens[:, 3:5], prompts) == 0.0  # norm_pre is Identity here
-        s, _ = tower.run(s)
+        s, _ = _steps(tower, s)
         expected = tm.head(tm.trunk.fc_norm(tm.trunk.norm(s.content_tokens).mean(1)))
         assert _max_diff(tower.pool(s), expected) < ATOL
 
@@ -459,7 +467,7 @@ def test_timm_vit_prompts_and_gradients(biomed_model):
     state = tower.embed(x, prompts=prompts)
     assert state.num_prompts == 5 and state.tokens.shape == (2, 1 + 5 + 6, 64)
     assert _max_diff(state.content_tokens, plain[1][0][:, 1:]) == 0.0
-    state, _ = tower.run(state)
+    state, _ = _steps(tower, state)
     pooled, dense = tower.pool(state), tower.dense(state)
     assert dense.shape == (2, 6, 16) and _max_diff(pooled, plain[2]) > 1e-3
     pooled.sum().backward()
@@ -518,7 +526,7 @@ def test_bert_context_matches_inputs_embeds_reference(biomed_model):
     state = tower.embed(ids, context=ctx)
     assert state.num_prompts == n and torch.equal(state.pool_index, torch.zeros(3).long())
     assert torch.equal(state.attention_mask[:, 1 : 1 + n], torch.ones(3, n, dtype=torch.bool))
-    state, _ = tower.run(state)
+    state, _ = _steps(tower, state)
     pooled, dense = tower.pool(state), tower.dense(state)
     with torch.no_grad():
         words = bert.embeddings.word_embeddings(ids)

@@ -1,57 +1,154 @@
-"""vlsegkit: text-driven (vision-language) medical image segmentation in PyTorch."""
+"""vlsegkit: text-driven (vision-language) medical image segmentation in PyTorch.
+
+Public names are imported on first use (PEP 562), so ``import vlsegkit`` and the command line's
+``--help`` stay fast; ``vlsegkit.CLIPSeg`` loads the model module (and torch) when it is touched.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .decoders import FiLMDecoder
-from .encoders import TokenState, Tower
-from .hub import CheckpointError
-from .layers import PixelTextHead, PVLAdapter, PVLAttention
-from .losses import DiceBCELoss, SoftPatchContrastiveLoss
-from .models import VLSM, CLIPSeg, MedCLIPSeg, MedCLIPSegLoss, SegmentationOutput
-from .ops import probabilistic_attention
-from .prompts import (
-    VPT,
-    CoCoOp,
-    CoOp,
-    LearnableUpsampler,
-    MaPLe,
-    SharedAttention,
-    SharedSeparate,
-    TunedModel,
-    load_tuned,
-)
-from .registry import create_model, list_models
-from .tokenizers import BertTokenizer, CLIPTokenizer, TextBatch, load_tokenizer
+
+#: public name -> module that defines it
+_EXPORTS = {
+    "FiLMDecoder": "vlsegkit.decoders",
+    "TokenState": "vlsegkit.encoders",
+    "Tower": "vlsegkit.encoders",
+    "TowerHook": "vlsegkit.encoders",
+    "HookSlots": "vlsegkit.encoders",
+    "RunContext": "vlsegkit.encoders",
+    "run_towers": "vlsegkit.encoders",
+    "create_towers": "vlsegkit.encoders",
+    "CheckpointError": "vlsegkit.hub",
+    "PixelTextHead": "vlsegkit.layers",
+    "PVLAdapter": "vlsegkit.layers",
+    "PVLAttention": "vlsegkit.layers",
+    "LearnableUpsampler": "vlsegkit.layers",
+    "DiceBCELoss": "vlsegkit.losses",
+    "MedCLIPSegLoss": "vlsegkit.losses",
+    "SoftPatchContrastiveLoss": "vlsegkit.losses",
+    "VLSM": "vlsegkit.models",
+    "CLIPSeg": "vlsegkit.models",
+    "MedCLIPSeg": "vlsegkit.models",
+    "TunedModel": "vlsegkit.models",
+    "load_tuned": "vlsegkit.models",
+    "SegmentationOutput": "vlsegkit.models",
+    "CLIPSegOutput": "vlsegkit.models",
+    "MedCLIPSegOutput": "vlsegkit.models",
+    "SupportsHooks": "vlsegkit.models",
+    "SupportsDecoderFeatures": "vlsegkit.models",
+    "SupportsUncertainty": "vlsegkit.models",
+    "probabilistic_attention": "vlsegkit.ops",
+    "CoOp": "vlsegkit.prompts",
+    "CoCoOp": "vlsegkit.prompts",
+    "VPT": "vlsegkit.prompts",
+    "MaPLe": "vlsegkit.prompts",
+    "SharedSeparate": "vlsegkit.prompts",
+    "SharedAttention": "vlsegkit.prompts",
+    "PVLAdapters": "vlsegkit.adapters",
+    "BottleneckAdapters": "vlsegkit.adapters",
+    "create_model": "vlsegkit.registry",
+    "list_models": "vlsegkit.registry",
+    "list_hooks": "vlsegkit.registry",
+    "Task": "vlsegkit.tasks",
+    "SegmentationTask": "vlsegkit.tasks",
+    "UncertaintyOutput": "vlsegkit.uncertainty",
+    "BertTokenizer": "vlsegkit.tokenizers",
+    "CLIPTokenizer": "vlsegkit.tokenizers",
+    "TextBatch": "vlsegkit.tokenizers",
+    "load_tokenizer": "vlsegkit.tokenizers",
+}
 
 __all__ = [
     "VLSM",
     "VPT",
     "BertTokenizer",
+    "BottleneckAdapters",
     "CLIPSeg",
+    "CLIPSegOutput",
     "CLIPTokenizer",
     "CheckpointError",
     "CoCoOp",
     "CoOp",
     "DiceBCELoss",
     "FiLMDecoder",
+    "HookSlots",
     "LearnableUpsampler",
     "MaPLe",
     "MedCLIPSeg",
     "MedCLIPSegLoss",
+    "MedCLIPSegOutput",
     "PVLAdapter",
+    "PVLAdapters",
     "PVLAttention",
     "PixelTextHead",
+    "RunContext",
     "SegmentationOutput",
+    "SegmentationTask",
     "SharedAttention",
     "SharedSeparate",
     "SoftPatchContrastiveLoss",
+    "SupportsDecoderFeatures",
+    "SupportsHooks",
+    "SupportsUncertainty",
+    "Task",
     "TextBatch",
     "TokenState",
     "Tower",
+    "TowerHook",
     "TunedModel",
+    "UncertaintyOutput",
     "__version__",
     "create_model",
+    "create_towers",
+    "list_hooks",
     "list_models",
     "load_tokenizer",
     "load_tuned",
     "probabilistic_attention",
+    "run_towers",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vlsegkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+if TYPE_CHECKING:  # static tools (type checkers, IDEs, mkdocstrings) see the real names
+    from .adapters import BottleneckAdapters, PVLAdapters
+    from .decoders import FiLMDecoder
+    from .encoders import HookSlots, RunContext, TokenState, Tower, TowerHook, run_towers
+    from .encoders.factory import create_towers
+    from .hub import CheckpointError
+    from .layers import LearnableUpsampler, PixelTextHead, PVLAdapter, PVLAttention
+    from .losses import DiceBCELoss, MedCLIPSegLoss, SoftPatchContrastiveLoss
+    from .models import (
+        VLSM,
+        CLIPSeg,
+        CLIPSegOutput,
+        MedCLIPSeg,
+        MedCLIPSegOutput,
+        SegmentationOutput,
+        SupportsDecoderFeatures,
+        SupportsHooks,
+        SupportsUncertainty,
+        TunedModel,
+        load_tuned,
+    )
+    from .ops import probabilistic_attention
+    from .prompts import VPT, CoCoOp, CoOp, MaPLe, SharedAttention, SharedSeparate
+    from .registry import create_model, list_hooks, list_models
+    from .tasks import SegmentationTask, Task
+    from .tokenizers import BertTokenizer, CLIPTokenizer, TextBatch, load_tokenizer
+    from .uncertainty import UncertaintyOutput

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 __all__ = [
     "CheckpointError",
     "atomic_write",
+    "check_state_dict",
     "load_checkpoint_file",
     "load_state_dict_strict",
     "read_json",
@@ -141,8 +142,19 @@ def load_state_dict_strict(
 ):
     """Load ``state_dict`` into ``module``, failing on any missing/unexpected key or shape mismatch.
 
-    The error message names every offending key (up to 20 of each kind) and the checkpoint source.
+    Everything is checked (:func:`check_state_dict`) before the first tensor is copied, so a failed
+    load leaves the module untouched. The error message names every offending key (up to 20 of each
+    kind) and the checkpoint source.
     """
+    check_state_dict(module, state_dict, source=source)
+    module.load_state_dict(state_dict, strict=True)
+
+
+def check_state_dict(
+    module: nn.Module, state_dict: Mapping[str, Tensor], *, source: str = ""
+) -> None:
+    """Raise ``CheckpointError`` unless ``state_dict`` has exactly ``module``'s keys and shapes, and
+    only finite floating-point values where the module has floating-point tensors."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -167,7 +179,26 @@ def load_state_dict_strict(
         raise CheckpointError(
             f"cannot load checkpoint{where} into {type(module).__name__}; " + "; ".join(problems)
         )
-    module.load_state_dict(state_dict, strict=True)
+    wrong_dtype = [
+        f"{k} ({state_dict[k].dtype} for {own[k].dtype})"
+        for k in own
+        if own[k].is_floating_point() and not state_dict[k].is_floating_point()
+    ]
+    non_finite = [
+        k
+        for k in own
+        if state_dict[k].is_floating_point() and not bool(torch.isfinite(state_dict[k]).all())
+    ]
+    for label, items in (("integer tensors for floating-point weights", wrong_dtype),
+                         ("non-finite values (NaN / inf)", non_finite)):  # fmt: skip
+        if items:
+            where = f" from {source}" if source else ""
+            shown = ", ".join(items[:10]) + (
+                f", ... ({len(items)} in all)" if len(items) > 10 else ""
+            )
+            raise CheckpointError(
+                f"cannot load checkpoint{where} into {type(module).__name__}: {label}: {shown}"
+            )
 
 
 def resolve_file(

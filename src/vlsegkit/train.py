@@ -1,15 +1,17 @@
-"""A plain, readable training loop for text-driven segmentation models.
+"""A plain, readable training loop over a :class:`~vlsegkit.tasks.Task`.
 
-The model contract: ``model(images, prompts)`` returns an object with ``.logits`` ``(B, C, H, W)`` at
-the input resolution (C = 1 for one prompt per image); a bare logits tensor is accepted too. Batches
-are the dicts of ``vlsegkit.data.collate_prompts``: ``image (B, 3, H, W)``, ``mask (B, C, H, W)``,
+``fit(model, loader)`` optimises the model's own task (``model.default_task()``: the loss of its
+paper) unless ``task=`` gives another one; the task turns a batch into named loss terms, so the same
+loop serves segmentation with any loss, contrastive fine-tuning on image-text pairs and
+distillation from a frozen teacher. Batches are whatever the task reads -- for segmentation the
+dicts of ``vlsegkit.data.collate_prompts``: ``image (B, 3, H, W)``, ``mask (B, C, H, W)``,
 ``prompt list[str]``.
 
-``fit`` is one loop over epochs and batches with small helpers (device moves, the forward pass, the
-optimiser step, checkpoints). The same code runs in one process or under
-``torchrun --nproc_per_node N`` (PyTorch DDP): the process group is joined from torchrun's
-environment, the model is wrapped in ``DistributedDataParallel``, every process reads its own shard
-of the data, losses and metrics are reduced over processes, and only rank 0 logs and writes files.
+``fit`` is one loop over epochs and batches with small helpers (the step, checkpoints, logging).
+The same code runs in one process or under ``torchrun --nproc_per_node N`` (PyTorch DDP): the process
+group is joined from torchrun's environment, the model is wrapped in ``DistributedDataParallel``,
+every process reads its own shard of the data, loss terms and metrics are reduced over processes, and
+only rank 0 logs and writes files.
 
 Runs are resumable mid-epoch: the data order of every epoch is a seeded permutation
 (``vlsegkit._distributed.ResumableSampler``), and a checkpoint holds the model, optimiser,
@@ -27,7 +29,7 @@ import math
 import os
 import random
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,12 +52,13 @@ from . import _checkpoint, _distributed
 from ._checkpoint import find_checkpoint, read_checkpoint
 from ._distributed import DistEnv, ResumableSampler, ShardSampler
 from .data import collate_prompts
-from .hub import load_state_dict_strict
-from .losses import DiceBCELoss
-from .metrics import MetricTracker, SegmentationMeter
+from .hub import CheckpointError, check_state_dict, load_state_dict_strict
+from .metrics import MetricTracker
+from .tasks import SegmentationTask, Task, move_to_device
 
 __all__ = [
     "EarlyStopping",
+    "FitConfig",
     "History",
     "evaluate",
     "find_checkpoint",
@@ -96,8 +99,10 @@ class History:
 
     Attributes:
         train_loss: mean training loss of each epoch (per sample, over all processes).
-        val: per epoch, the ``evaluate`` results on ``val_loader`` (``dice``, ``iou``, ``loss``,
-            ``count``); empty without a validation loader.
+        train_terms: per epoch, the mean of every named loss term of the task (``loss`` included,
+            e.g. ``dice_loss``, ``bce_loss``, ``softcon_loss`` for MedCLIPSeg).
+        val: per epoch, the ``evaluate`` results on ``val_loader`` (``dice``, ``iou``, ``loss``, the
+            loss terms, ``count`` for segmentation); empty without a validation loader.
         steps: optimiser steps taken.
         monitor: the epoch-record key that selects the best checkpoint (e.g. ``"val_dice"``).
         best_value: best value of ``monitor`` so far (None before the first epoch ends).
@@ -106,6 +111,7 @@ class History:
     """
 
     train_loss: list[float] = field(default_factory=list)
+    train_terms: list[dict[str, float]] = field(default_factory=list)
     val: list[dict[str, float]] = field(default_factory=list)
     steps: int = 0
     monitor: str | None = None
@@ -237,30 +243,6 @@ def _trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def _unpack(batch: dict[str, Any], device: torch.device) -> tuple[Tensor, Tensor, list[str]]:
-    missing = {"image", "mask", "prompt"} - set(batch)
-    if missing:
-        raise ValueError(
-            f"batch must be a dict with 'image', 'mask' and 'prompt' (see collate_prompts); "
-            f"missing {sorted(missing)}"
-        )
-    images = batch["image"].to(device, non_blocking=True)
-    masks = batch["mask"].to(device, non_blocking=True)
-    return images, masks, batch["prompt"]
-
-
-def _logits(output: Any, masks: Tensor) -> Tensor:
-    logits = output if isinstance(output, Tensor) else getattr(output, "logits", None)
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"model must return logits or an object with .logits, got {type(output)}")
-    if logits.shape != masks.shape:
-        raise ValueError(
-            f"model logits have shape {tuple(logits.shape)} but batch['mask'] has shape "
-            f"{tuple(masks.shape)}; the model must return (B, C, H, W) logits at the input resolution"
-        )
-    return logits
-
-
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if dtype is None:
         return contextlib.nullcontext()
@@ -310,17 +292,14 @@ def _group_size(index: int, grad_accum_steps: int, num_batches: int | None) -> i
     return min(grad_accum_steps, num_batches - group_start)
 
 
-def _mean_over_processes(value: float, count: int, env: DistEnv) -> tuple[float, int]:
-    """Sample-weighted mean of a per-process batch mean over all processes, and the sample count."""
+def _reduce_means(values: Mapping[str, float], count: int, env: DistEnv) -> tuple[dict, int]:
+    """Sample-weighted means of per-process batch means over all processes, and the sample count."""
     if not env.enabled:
-        return value, count
-    total, n = _distributed.all_reduce_sum([value * count, count])
-    return (total / n if n else math.nan), int(n)
-
-
-def _flatten_prompts(x: Tensor) -> Tensor:
-    """``(B, C, H, W) -> (B·C, 1, H, W)``: each (image, prompt) pair is scored as one image."""
-    return x.reshape(-1, 1, *x.shape[2:])
+        return dict(values), count
+    keys = sorted(values)
+    totals = _distributed.all_reduce_sum([*(values[k] * count for k in keys), count])
+    n = int(totals[-1])
+    return {k: (t / n if n else math.nan) for k, t in zip(keys, totals)}, n
 
 
 # --------------------------------------------------------------------------- data
@@ -711,223 +690,344 @@ class _RunLog:
             self.writer.close()
 
 
-# --------------------------------------------------------------------------- public loop
-def fit(
-    model: nn.Module,
-    train_loader: Iterable[dict[str, Any]] | Dataset,
-    *,
-    val_loader: Iterable[dict[str, Any]] | Dataset | None = None,
-    epochs: int = 1,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-4,
-    batch_size: int = 8,
-    shuffle: bool = True,
-    num_workers: int = 0,
-    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: str | LRScheduler | ReduceLROnPlateau | None = None,
-    warmup_steps: int = 0,
-    min_lr_ratio: float = 0.0,
-    scheduler_interval: str = "step",
-    grad_accum_steps: int = 1,
-    autocast_dtype: torch.dtype | None = None,
-    max_grad_norm: float | None = None,
-    early_stopping: EarlyStopping | None = None,
-    monitor: str | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int | None = None,
-    resume: bool | str | os.PathLike = False,
-    log_dir: str | os.PathLike | None = None,
-    tensorboard: bool = False,
-    log_fn: Callable[[dict[str, float]], None] | None = None,
-    progress: bool = True,
-    max_steps: int | None = None,
-    seed: int | None = None,
-    device: torch.device | str | None = None,
-    ddp_kwargs: dict[str, Any] | None = None,
-) -> History:
-    """Train ``model`` on ``train_loader``, validating after every epoch.
+# --------------------------------------------------------------------------- configuration
+def _positive_int(name: str, value: Any, *, minimum: int = 1, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(
+            f"{name} must be an int >= {minimum}{' or None' if optional else ''}, got {value!r}"
+        )
 
-    Each optimiser step averages the gradients of ``grad_accum_steps`` consecutive batches (each
-    batch loss is divided by the number of batches in its group), so with a mean-reduced loss and no
-    batch-dependent layers, ``k`` batches of ``b`` give the same update as one batch of ``k·b``.
-    A shorter last group in an epoch is averaged over its own size when the loader has a length.
 
-    Under ``torchrun --nproc_per_node N`` the same call trains with DDP: each process reads
-    ``1/N`` of every epoch (per-process batch ``j`` of all processes together is single-process
-    batch ``j`` of ``N``-times the size), gradients are averaged over processes, and losses and
-    metrics are reduced over them; the progress bar, ``log_fn``, the log files and the checkpoints
-    are handled by rank 0 only.
+def _finite(name: str, value: Any, *, low: float, high: float = math.inf, open_low=False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if open_low else value >= low) and value <= high
+    if not ok:
+        bound = f"> {low}" if open_low else f">= {low}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
-    Args:
-        model: obeys the contract in the module docstring.
-        train_loader: a ``DataLoader`` (or any iterable) of ``collate_prompts`` batches, or a
-            map-style ``Dataset`` of items (batched here with ``batch_size``, ``shuffle`` and
-            ``num_workers``). A plain ``DataLoader`` with a sequential or shuffled sampler is re-made
-            with fit's resumable, shardable sampler (same batch size, collate function, workers);
-            its ``generator`` seeds the shuffle when ``seed`` is None.
-        val_loader: optional loader (or ``Dataset``) scored with ``evaluate`` after every epoch.
-        epochs: number of passes over the training data.
+
+@dataclass
+class FitConfig:
+    """Every option of :func:`fit`, validated once (``fit(model, loader, **options)`` builds one).
+
+    Optimisation:
+        epochs: passes over the training data (``>= 0``).
         lr: AdamW learning rate (ignored when ``optimizer`` is given).
-        weight_decay: AdamW weight decay (ignored when ``optimizer`` is given).
-        batch_size: per-process batch size when ``train_loader`` / ``val_loader`` is a ``Dataset``.
-        shuffle: shuffle a training ``Dataset`` every epoch.
-        num_workers: ``DataLoader`` workers for a training ``Dataset``.
-        loss_fn: ``loss_fn(logits, masks) -> scalar``; default ``DiceBCELoss()`` (0.5 Dice + 0.5 BCE).
-        optimizer: a ready optimiser; default AdamW over ``model.trainable_parameters()`` if the
-            model defines it, else over every parameter with ``requires_grad``.
-        scheduler: ``"cosine"`` (per optimiser step: linear warmup over ``warmup_steps``, then
-            cosine decay to ``min_lr_ratio·lr`` at the last step), ``"plateau"``
-            (``ReduceLROnPlateau`` with torch's defaults, stepped each epoch with ``monitor``), None
-            (constant, after the optional warmup), or a torch scheduler built on ``optimizer``
-            (stepped every ``scheduler_interval``; a ``ReduceLROnPlateau`` gets ``monitor``).
-        warmup_steps: optimiser steps of linear warmup (``scheduler`` ``"cosine"`` or None): step
-            ``t < warmup_steps`` uses ``lr·(t + 1)/(warmup_steps + 1)``.
+        weight_decay: AdamW weight decay.
+        optimizer: a ready optimiser; default AdamW over ``model.trainable_parameters()``.
+        scheduler: ``"cosine"`` (per optimiser step: linear warmup over ``warmup_steps``, then cosine
+            decay to ``min_lr_ratio·lr`` at the last step), ``"plateau"`` (``ReduceLROnPlateau``,
+            stepped each epoch with ``monitor``), None (constant after the optional warmup), or a
+            torch scheduler built on ``optimizer`` (stepped every ``scheduler_interval``).
+        warmup_steps: optimiser steps of linear warmup: step ``t`` uses ``lr·(t+1)/(warmup_steps+1)``.
         min_lr_ratio: final learning rate of ``"cosine"`` as a fraction of ``lr``.
         scheduler_interval: ``"step"`` or ``"epoch"``: when a given torch scheduler is stepped.
         grad_accum_steps: batches per optimiser step.
-        autocast_dtype: None (full precision), ``torch.bfloat16`` or ``torch.float16`` (the latter
-            with a gradient scaler).
-        max_grad_norm: clip the global gradient norm to this value before each step.
-        early_stopping: an ``EarlyStopping`` rule checked after every epoch.
-        monitor: epoch-record key that picks the best checkpoint and drives ``"plateau"`` (same
-            names as ``EarlyStopping.metric``; mode ``"min"`` if it contains ``"loss"``, else
-            ``"max"``). Default: ``early_stopping``'s metric (and mode), else ``"val_dice"`` with a
-            ``val_loader``, else ``"train_loss"``.
-        checkpoint_dir: write checkpoints here (rank 0): ``last`` after every epoch and every
-            ``checkpoint_every`` steps, ``best`` whenever ``monitor`` improves. Each holds
-            ``model.safetensors`` and the complete training state; see ``find_checkpoint``.
-        checkpoint_every: also write ``last`` every this many optimiser steps within epochs.
-        resume: True resumes from ``checkpoint_dir``'s last checkpoint if there is one (else
-            starts afresh, so the same command can be re-run after a crash); a path resumes from
-            that checkpoint folder or checkpoint directory. The epoch order, RNG states and position
-            in the data are restored, so the result equals an uninterrupted run's. The batch size,
-            ``grad_accum_steps`` and process count must match to resume mid-epoch; an epoch cut
-            short by ``max_steps`` counts as finished.
-        log_dir: append per-step and per-epoch records as JSON lines to ``log_dir/metrics.jsonl``
-            (rank 0; truncated by a fresh run, trimmed to the checkpoint by a resumed one).
-        tensorboard: also write the records as TensorBoard scalars to ``log_dir`` (needs the
-            ``tensorboard`` package).
-        log_fn: called (on rank 0) with a dict after every optimiser step (``step``, ``epoch``,
-            ``loss`` = mean loss of the step's batches over all processes, ``lr`` used by the step)
-            and after every epoch (``step``, ``epoch``, ``train_loss`` and ``val_*``).
-        progress: show a tqdm progress bar (rank 0).
+        max_grad_norm: clip the global gradient norm to this value (``> 0``) before each step.
+        autocast_dtype: None (full precision), ``torch.bfloat16`` or ``torch.float16`` (with a
+            gradient scaler).
         max_steps: stop after this many optimiser steps.
+
+    Data:
+        batch_size: per-process batch size when a loader is a ``Dataset``.
+        shuffle: shuffle a training ``Dataset`` every epoch.
+        num_workers: ``DataLoader`` workers for a training ``Dataset``.
         seed: seed Python, numpy and torch (``seed_everything``) and the data order at the start;
             None keeps the current global RNG state and draws the data order from it.
+
+    Selection, checkpoints and logs:
+        early_stopping: an :class:`EarlyStopping` rule checked after every epoch.
+        monitor: epoch-record key that picks the best checkpoint and drives ``"plateau"``
+            (``"train_loss"``, ``"val_<score>"``, or a score name meaning its ``val_`` key). Default:
+            ``early_stopping``'s metric, else ``val_<task.monitor>`` with a validation loader, else
+            ``"train_loss"``.
+        checkpoint_dir: write ``last`` (every epoch and every ``checkpoint_every`` steps) and
+            ``best`` (whenever ``monitor`` improves) checkpoints here; see ``find_checkpoint``.
+        checkpoint_every: also write ``last`` every this many optimiser steps within epochs.
+        resume: True resumes from ``checkpoint_dir``'s last checkpoint if there is one (else starts
+            afresh); a path resumes from that checkpoint. Everything is verified before anything is
+            loaded.
+        log_dir: append per-step and per-epoch records as JSON lines to ``log_dir/metrics.jsonl``.
+        tensorboard: also write the records as TensorBoard scalars to ``log_dir``.
+        log_fn: called (rank 0) with every step record (``step``, ``epoch``, ``loss``, the task's
+            terms, ``lr``) and epoch record (``step``, ``epoch``, ``train_*``, ``val_*``).
+        progress: tqdm progress bars (rank 0, only when stderr is a terminal).
+
+    Placement:
         device: move the model and batches here; default the model's current device. Under
             torchrun, ``"cuda"`` means ``cuda:LOCAL_RANK``.
-        ddp_kwargs: extra ``DistributedDataParallel`` arguments (e.g.
-            ``{"find_unused_parameters": True}``).
+        ddp_kwargs: extra ``DistributedDataParallel`` arguments.
+    """
+
+    epochs: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: str | LRScheduler | ReduceLROnPlateau | None = None
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    scheduler_interval: str = "step"
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = None
+    autocast_dtype: torch.dtype | None = None
+    max_steps: int | None = None
+    batch_size: int = 8
+    shuffle: bool = True
+    num_workers: int = 0
+    seed: int | None = None
+    early_stopping: EarlyStopping | None = None
+    monitor: str | None = None
+    checkpoint_dir: str | os.PathLike | None = None
+    checkpoint_every: int | None = None
+    resume: bool | str | os.PathLike = False
+    log_dir: str | os.PathLike | None = None
+    tensorboard: bool = False
+    log_fn: Callable[[dict[str, float]], None] | None = None
+    progress: bool = True
+    device: torch.device | str | None = None
+    ddp_kwargs: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        _positive_int("epochs", self.epochs, minimum=0)
+        _positive_int("grad_accum_steps", self.grad_accum_steps)
+        _positive_int("max_steps", self.max_steps, optional=True)
+        _positive_int("batch_size", self.batch_size)
+        _positive_int("num_workers", self.num_workers, minimum=0)
+        _positive_int("warmup_steps", self.warmup_steps, minimum=0)
+        _positive_int("checkpoint_every", self.checkpoint_every, optional=True)
+        if self.optimizer is None:
+            _finite("lr", self.lr, low=0.0, open_low=True)
+            _finite("weight_decay", self.weight_decay, low=0.0)
+        _finite("min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
+        if self.max_grad_norm is not None:
+            _finite("max_grad_norm", self.max_grad_norm, low=0.0, open_low=True)
+        _check_autocast_dtype(self.autocast_dtype)
+        if self.scheduler_interval not in ("step", "epoch"):
+            raise ValueError(
+                f"scheduler_interval must be 'step' or 'epoch', got {self.scheduler_interval!r}"
+            )
+        if self.seed is not None:
+            _positive_int("seed", self.seed, minimum=0)
+        if self.checkpoint_every is not None and self.checkpoint_dir is None:
+            raise ValueError("checkpoint_every needs checkpoint_dir")
+        if self.early_stopping is not None and not isinstance(self.early_stopping, EarlyStopping):
+            raise ValueError(
+                f"early_stopping must be an EarlyStopping, got {type(self.early_stopping).__name__}"
+            )
+        if self.tensorboard:
+            if self.log_dir is None:
+                raise ValueError("tensorboard=True needs log_dir")
+            try:
+                import tensorboard as _tb  # noqa: F401
+            except ImportError as e:
+                raise ImportError(
+                    "tensorboard=True needs the 'tensorboard' package (pip install tensorboard)"
+                ) from e
+        if self.checkpoint_dir is not None:
+            root = Path(self.checkpoint_dir)
+            if root.exists() and not root.is_dir():
+                raise ValueError(f"checkpoint_dir {root} exists and is not a folder")
+        if self.log_dir is not None:
+            root = Path(self.log_dir)
+            if root.exists() and not root.is_dir():
+                raise ValueError(f"log_dir {root} exists and is not a folder")
+
+
+def _fit_config(config: FitConfig | None, overrides: dict[str, Any]) -> FitConfig:
+    names = {f.name for f in dataclasses.fields(FitConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise TypeError(f"fit() got unexpected options {unknown}; see vlsegkit.train.FitConfig")
+    if config is None:
+        return FitConfig(**overrides)
+    if not isinstance(config, FitConfig):
+        raise TypeError(f"config must be a FitConfig, got {type(config).__name__}")
+    return dataclasses.replace(config, **overrides)
+
+
+def _task_for(model: nn.Module, task: Task | None, loss: Any) -> Task:
+    if task is not None and loss is not None:
+        raise ValueError("pass task= or loss=, not both")
+    if task is not None:
+        if not isinstance(task, Task):
+            raise TypeError(f"task must be a vlsegkit.tasks.Task, got {type(task).__name__}")
+        return task
+    if loss is not None:
+        return SegmentationTask(loss=loss)
+    default = getattr(model, "default_task", None)
+    return default() if callable(default) else SegmentationTask()
+
+
+def _check_loader(loader: Any, name: str) -> None:
+    if isinstance(loader, (str, bytes, os.PathLike, Tensor)) or not isinstance(loader, Iterable):
+        raise TypeError(
+            f"{name} must be a DataLoader, an iterable of batches or a Dataset, got "
+            f"{type(loader).__name__}"
+        )
+
+
+# --------------------------------------------------------------------------- public loop
+def fit(
+    model: nn.Module,
+    train_loader: Iterable[Any] | Dataset,
+    *,
+    val_loader: Iterable[Any] | Dataset | None = None,
+    task: Task | None = None,
+    loss: Any = None,
+    config: FitConfig | None = None,
+    **options: Any,
+) -> History:
+    """Train ``model`` on ``train_loader`` with its task, validating after every epoch.
+
+    Each step: ``terms = task.training_step(model, batch)`` (under autocast when asked), backward of
+    ``terms["loss"]`` and an optimiser step every ``grad_accum_steps`` batches (each batch loss is
+    divided by the number of batches in its group, so ``k`` batches of ``b`` give the update of one
+    batch of ``k·b`` with a mean-reduced loss). Every named term is averaged per epoch and logged.
+
+    Under ``torchrun --nproc_per_node N`` the same call trains with DDP: each process reads ``1/N`` of
+    every epoch, gradients are averaged over processes, terms and metrics are reduced over them, and
+    rank 0 alone shows progress, logs and writes checkpoints.
+
+    Args:
+        model: the model; its ``default_task()`` (the paper's loss) is used unless ``task`` is given.
+        train_loader: a ``DataLoader`` (or any iterable) of batches, or a map-style ``Dataset`` of
+            items (batched here with ``batch_size``, ``shuffle``, ``num_workers``). A plain
+            ``DataLoader`` with a sequential or shuffled sampler is re-made with fit's resumable,
+            shardable sampler (same batch size, collate function, workers).
+        val_loader: optional loader (or ``Dataset``) scored with :func:`evaluate` after every epoch.
+        task: a :class:`~vlsegkit.tasks.Task` (segmentation, contrastive, distillation...).
+        loss: shortcut for ``task=SegmentationTask(loss=loss)``.
+        config: a :class:`FitConfig`; ``**options`` override its fields.
+        **options: :class:`FitConfig` fields (``epochs``, ``lr``, ``checkpoint_dir``, ...).
 
     Returns:
-        ``History`` with per-epoch training loss and validation metrics.
+        :class:`History` with per-epoch training terms and validation scores. The model's train /
+        eval mode is restored afterwards.
 
     Raises:
-        ValueError: a bad argument (named in the message).
-        CheckpointError: the checkpoint to resume from is missing, incomplete or corrupt; nothing
-            is loaded then.
+        ValueError: a bad option (named in the message), or a training loader without batches.
+        CheckpointError: the checkpoint to resume from is missing, incomplete, corrupt or does not
+            fit this model / optimiser; nothing is loaded then.
         FloatingPointError: a non-finite training loss.
     """
-    _check_fit_args(
-        epochs=epochs,
-        grad_accum_steps=grad_accum_steps,
-        max_steps=max_steps,
-        autocast_dtype=autocast_dtype,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        warmup_steps=warmup_steps,
-        min_lr_ratio=min_lr_ratio,
-        scheduler_interval=scheduler_interval,
-        checkpoint_dir=checkpoint_dir,
-        checkpoint_every=checkpoint_every,
-        log_dir=log_dir,
-        tensorboard=tensorboard,
+    cfg = _fit_config(config, options)
+    _check_loader(train_loader, "train_loader")
+    if val_loader is not None:
+        _check_loader(val_loader, "val_loader")
+    task = _task_for(model, task, loss)
+    keys = ["train_loss"] + ([] if val_loader is None else [f"val_{k}" for k in task.metrics])
+    monitor, monitor_mode, stop_key = _resolve_monitor(
+        cfg.monitor, cfg.early_stopping, keys, default=f"val_{task.monitor}"
     )
-    keys = ["train_loss"] + ([] if val_loader is None else ["val_dice", "val_iou", "val_loss"])
-    monitor, monitor_mode, stop_key = _resolve_monitor(monitor, early_stopping, keys)
-    checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
-    resume_from = _resume_path(resume, checkpoint_dir)
+    checkpoint_dir = None if cfg.checkpoint_dir is None else Path(cfg.checkpoint_dir)
+    resume_from = _resume_path(cfg.resume, checkpoint_dir)
     env = _distributed.setup()
-    if seed is not None:
-        seed_everything(seed)
+    if cfg.seed is not None:
+        seed_everything(cfg.seed)
 
-    # Read (and verify) the checkpoint before touching anything, so a bad one changes nothing.
+    # Read and verify the checkpoint before touching anything, so a bad one changes nothing.
     model_state, state = read_checkpoint(resume_from) if resume_from else (None, None)
     if model_state is not None:
-        load_state_dict_strict(model, model_state, source=str(resume_from))
-    device = _resolve_device(model, device, env)
+        check_state_dict(model, model_state, source=str(resume_from))
+    was_training = model.training
+    device = _resolve_device(model, cfg.device, env)
+    task.to(device)
+    optimizer = cfg.optimizer
     if optimizer is None:
         params = _trainable_parameters(model)
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         params = [p for group in optimizer.param_groups for p in group["params"]]
     data = _TrainData(
         train_loader,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        seed=seed,
+        batch_size=cfg.batch_size,
+        shuffle=cfg.shuffle,
+        num_workers=cfg.num_workers,
+        seed=cfg.seed,
         env=env,
     )
-    val_data = None if val_loader is None else _eval_data(val_loader, batch_size, env)
+    if data.num_batches == 0:
+        raise ValueError("train_loader has no batches: there is nothing to train on")
+    val_data = None if val_loader is None else _eval_data(val_loader, cfg.batch_size, env)
     num_batches = data.num_batches
     scheduler, per_epoch = _build_scheduler(
-        scheduler,
+        cfg.scheduler,
         optimizer,
-        warmup_steps=warmup_steps,
-        min_lr_ratio=min_lr_ratio,
-        interval=scheduler_interval,
-        total_steps=_total_steps(num_batches, grad_accum_steps, epochs, max_steps),
+        warmup_steps=cfg.warmup_steps,
+        min_lr_ratio=cfg.min_lr_ratio,
+        interval=cfg.scheduler_interval,
+        total_steps=_total_steps(num_batches, cfg.grad_accum_steps, cfg.epochs, cfg.max_steps),
         mode=monitor_mode,
     )
-    loss_fn = DiceBCELoss() if loss_fn is None else loss_fn
     # Loss scaling is only needed for fp16, whose small range underflows gradients.
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype is torch.float16)
-    if early_stopping is not None:
-        early_stopping.reset()
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.autocast_dtype is torch.float16)
+    if cfg.early_stopping is not None:
+        cfg.early_stopping.reset()
     history = History(monitor=monitor)
     run = _Run(
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=scaler,
-        early_stopping=early_stopping,
+        early_stopping=cfg.early_stopping,
         data=data,
         history=history,
-        grad_accum_steps=grad_accum_steps,
+        grad_accum_steps=cfg.grad_accum_steps,
         world_size=env.world_size,
     )
     if state is not None:
+        _check_optimizer_state(optimizer, state, resume_from)
+        load_state_dict_strict(model, model_state, source=str(resume_from))
         run.load_state_dict(state)
-    net = _wrap_ddp(model, device, env, ddp_kwargs)
+    net = _wrap_ddp(model, device, env, cfg.ddp_kwargs)
     if checkpoint_dir is not None and env.is_main:
         _checkpoint.remove_stale(checkpoint_dir)
     log = _RunLog(
-        log_dir=log_dir,
-        log_fn=log_fn,
-        tensorboard=tensorboard,
+        log_dir=cfg.log_dir,
+        log_fn=cfg.log_fn,
+        tensorboard=cfg.tensorboard,
         enabled=env.is_main,
         resumed=run if state is not None else None,
     )
     if state is not None:  # last, so that nothing above consumes the restored random streams
         _checkpoint.restore_rng(state["rng"][env.rank % len(state["rng"])])
-    step_loss = MetricTracker()  # loss of the batches accumulated since the last step
+    step_terms = MetricTracker()  # terms of the batches accumulated since the last step
+    try:
+        _train_epochs(net, model, task, data, val_data, run, cfg, env, device, log, step_terms,
+                      params=params, per_epoch=per_epoch, checkpoint_dir=checkpoint_dir,
+                      monitor=(monitor, monitor_mode, stop_key))  # fmt: skip
+    finally:
+        log.close()
+        model.train(was_training)
+    return history
+
+
+def _train_epochs(
+    net, model, task, data, val_data, run, cfg, env, device, log, step_terms, *, params,
+    per_epoch, checkpoint_dir, monitor,
+) -> None:  # fmt: skip
+    """The epoch / batch loop of :func:`fit` (see there)."""
+    history, optimizer, scaler = run.history, run.optimizer, run.scaler
+    num_batches = data.num_batches
 
     def done() -> bool:
-        return history.stopped_early or (max_steps is not None and history.steps >= max_steps)
+        return history.stopped_early or (
+            cfg.max_steps is not None and history.steps >= cfg.max_steps
+        )
 
     def take_step(epoch: int) -> None:
         lr_now = optimizer.param_groups[0]["lr"]
-        _optimizer_step(optimizer, scaler, params, max_grad_norm)
+        _optimizer_step(optimizer, scaler, params, cfg.max_grad_norm)
         history.steps += 1
-        if scheduler is not None and not per_epoch:
-            scheduler.step()
-        loss = step_loss.compute().get("loss", math.nan)
-        log({"step": history.steps, "epoch": epoch, "loss": loss, "lr": lr_now})
-        step_loss.reset()
+        if run.scheduler is not None and not per_epoch:
+            run.scheduler.step()
+        means = step_terms.compute()
+        log({"step": history.steps, "epoch": epoch, **means, "lr": lr_now})
+        step_terms.reset()
 
     start_epoch, start_batch = run.epoch, run.batch
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(start_epoch, cfg.epochs):
         if done():
             break
         skip = start_batch if epoch == start_epoch else 0
@@ -935,60 +1035,115 @@ def fit(
             run.running = MetricTracker()
         run.epoch, run.batch = epoch, skip
         net.train()
+        task.train()
         optimizer.zero_grad(set_to_none=True)
         pending = 0  # batches whose gradients are accumulated but not yet applied
         bar = tqdm(
             data.epoch(epoch, skip),
             total=num_batches,
             initial=skip,
-            desc=f"epoch {epoch + 1}/{epochs}",
-            disable=not progress or not env.is_main,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=_no_bar(cfg.progress, env),
         )
         for index, batch in enumerate(bar, start=skip):
-            images, masks, prompts = _unpack(batch, device)
-            closes_group = pending + 1 == grad_accum_steps or index + 1 == num_batches
+            batch = move_to_device(batch, device)
+            closes_group = pending + 1 == cfg.grad_accum_steps or index + 1 == num_batches
             with _no_sync(net, not closes_group and num_batches is not None):
-                with _autocast(device, autocast_dtype):
-                    logits = _logits(net(images, prompts), masks)
-                loss = loss_fn(logits.float(), masks)
-                value, count = _mean_over_processes(loss.item(), images.shape[0], env)
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"loss is {value} at epoch {epoch}, batch {index}")
-                scaler.scale(loss / _group_size(index, grad_accum_steps, num_batches)).backward()
-            run.running.update("loss", value, n=count)
-            step_loss.update("loss", value, n=count)
+                with _autocast(device, cfg.autocast_dtype):
+                    terms = task.training_step(net, batch)
+                loss = _checked_loss(terms, epoch, index)
+                values = {k: float(v.detach()) for k, v in terms.items()}
+                values, count = _reduce_means(values, task.batch_size(batch), env)
+                if not math.isfinite(values["loss"]):
+                    raise FloatingPointError(
+                        f"the loss is {values['loss']} at epoch {epoch}, batch {index}"
+                    )
+                group = _group_size(index, cfg.grad_accum_steps, num_batches)
+                scaler.scale(loss / group).backward()
+            for name, value in values.items():
+                run.running.update(name, value, n=count)
+                step_terms.update(name, value, n=count)
             pending += 1
-            bar.set_postfix(loss=f"{value:.4f}")
+            bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()})
             if closes_group:
                 pending, run.batch = 0, index + 1
                 take_step(epoch)
                 # (At the end of an epoch the epoch-level checkpoint follows right after.)
                 ends_epoch = index + 1 == num_batches
-                if checkpoint_every and history.steps % checkpoint_every == 0 and not ends_epoch:
+                every = cfg.checkpoint_every
+                if every and history.steps % every == 0 and not ends_epoch:
                     _save(checkpoint_dir, "last", model, run, env)
                 if done():
                     break
         if pending:  # a loader without len() ended mid-group
             take_step(epoch)
         bar.close()
-
-        record = {"step": history.steps, "epoch": epoch}
-        record["train_loss"] = run.running.compute().get("loss", math.nan)
+        means = run.running.compute()
+        if not means:
+            raise ValueError(f"train_loader yielded no batches in epoch {epoch}")
+        record: dict[str, Any] = {"step": history.steps, "epoch": epoch}
+        record.update({f"train_{k}": v for k, v in means.items()})
         if val_data is not None:
             metrics = _evaluate(
-                model, val_data, device=device, autocast_dtype=autocast_dtype, loss_fn=loss_fn
+                model,
+                val_data,
+                task=task,
+                device=device,
+                autocast_dtype=cfg.autocast_dtype,
+                progress=not _no_bar(cfg.progress, env),
             )
             history.val.append(metrics)
             record.update({f"val_{k}": v for k, v in metrics.items()})
         history.train_loss.append(record["train_loss"])
+        history.train_terms.append(dict(means))
         run.epoch, run.batch = epoch + 1, 0
-        improved = _end_of_epoch(run, record, monitor, monitor_mode, stop_key, per_epoch)
+        key, mode, stop_key = monitor
+        if key not in record:
+            raise ValueError(f"monitor {key!r} is not in this epoch's record {sorted(record)}")
+        improved = _end_of_epoch(run, record, key, mode, stop_key, per_epoch)
         log(record)
         if improved:
-            _save(checkpoint_dir, "best", model, run, env, metric=monitor, value=record[monitor])
+            _save(checkpoint_dir, "best", model, run, env, metric=key, value=record[key])
         _save(checkpoint_dir, "last", model, run, env)
-    log.close()
-    return history
+
+
+def _no_bar(progress: bool, env: DistEnv) -> bool | None:
+    # None lets tqdm show a bar only on a terminal, never in logs
+    return True if (not progress or not env.is_main) else None
+
+
+def _checked_loss(terms: Any, epoch: int, index: int) -> Tensor:
+    if not isinstance(terms, Mapping) or not isinstance(terms.get("loss"), Tensor):
+        raise TypeError(
+            "task.training_step must return a dict with a tensor 'loss' entry (and other named "
+            f"terms), got {type(terms).__name__} at epoch {epoch}, batch {index}"
+        )
+    loss = terms["loss"]
+    if loss.dim() != 0:
+        raise ValueError(f"terms['loss'] must be a scalar, got shape {tuple(loss.shape)}")
+    return loss
+
+
+def _check_optimizer_state(optimizer, state: dict[str, Any], source) -> None:
+    """Refuse a checkpoint whose optimiser state does not fit this optimiser, before any load."""
+    saved = state.get("optimizer", {})
+    groups = saved.get("param_groups", [])
+    here = [len(g["params"]) for g in optimizer.param_groups]
+    there = [len(g.get("params", ())) for g in groups]
+    if here != there:
+        raise CheckpointError(
+            f"{source}: the checkpoint's optimiser has parameter groups of sizes {there}, this run "
+            f"has {here} (a different set of trainable parameters?); nothing was loaded"
+        )
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = [i for g in groups for i in g.get("params", ())]
+    for p, i in zip(params, ids):
+        for value in saved.get("state", {}).get(i, {}).values():
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape != p.shape:
+                raise CheckpointError(
+                    f"{source}: optimiser state of shape {tuple(value.shape)} for a parameter of "
+                    f"shape {tuple(p.shape)}; nothing was loaded"
+                )
 
 
 def _end_of_epoch(
@@ -1033,7 +1188,7 @@ def _record_key(name: str, keys: list[str], argument: str) -> str:
 
 
 def _resolve_monitor(
-    monitor: str | None, early_stopping: EarlyStopping | None, keys: list[str]
+    monitor: str | None, early_stopping: EarlyStopping | None, keys: list[str], *, default: str
 ) -> tuple[str, str, str | None]:
     """``(monitor key, its mode, early-stopping key)``, validated against the epoch-record keys."""
     stop_key = None
@@ -1042,155 +1197,120 @@ def _resolve_monitor(
     if monitor is None and early_stopping is not None:
         return stop_key, early_stopping.resolved_mode, stop_key
     if monitor is None:
-        monitor = "val_dice" if "val_dice" in keys else "train_loss"
+        monitor = default if default in keys else "train_loss"
     key = _record_key(monitor, keys, "monitor")
     return key, _infer_mode(key), stop_key
-
-
-def _check_fit_args(
-    *,
-    epochs: int,
-    grad_accum_steps: int,
-    max_steps: int | None,
-    autocast_dtype: torch.dtype | None,
-    batch_size: int,
-    num_workers: int,
-    warmup_steps: int,
-    min_lr_ratio: float,
-    scheduler_interval: str,
-    checkpoint_dir: Any,
-    checkpoint_every: int | None,
-    log_dir: Any,
-    tensorboard: bool,
-) -> None:
-    if epochs < 0:
-        raise ValueError(f"epochs must be >= 0, got {epochs}")
-    if grad_accum_steps < 1:
-        raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
-    if max_steps is not None and max_steps < 1:
-        raise ValueError(f"max_steps must be >= 1 or None, got {max_steps}")
-    _check_autocast_dtype(autocast_dtype)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    if not 0.0 <= min_lr_ratio <= 1.0:
-        raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
-    if scheduler_interval not in ("step", "epoch"):
-        raise ValueError(
-            f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}"
-        )
-    if checkpoint_every is not None:
-        if checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1 or None, got {checkpoint_every}")
-        if checkpoint_dir is None:
-            raise ValueError("checkpoint_every needs checkpoint_dir")
-    if tensorboard:
-        if log_dir is None:
-            raise ValueError("tensorboard=True needs log_dir")
-        try:
-            import tensorboard as _tb  # noqa: F401
-        except ImportError as e:
-            raise ImportError(
-                "tensorboard=True needs the 'tensorboard' package (pip install tensorboard)"
-            ) from e
 
 
 # --------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    loader: Iterable[dict[str, Any]] | Dataset,
+    loader: Iterable[Any] | Dataset,
     *,
+    task: Task | None = None,
+    loss: Any = None,
     device: torch.device | str | None = None,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     autocast_dtype: torch.dtype | None = None,
-    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-    empty_score: float = 1.0,
     batch_size: int = 32,
-    progress: bool = False,
+    progress: bool = True,
 ) -> dict[str, float]:
-    """Mean per-image Dice, IoU and loss of ``model`` on ``loader``.
+    """Mean scores of ``model`` on ``loader`` under its task.
 
-    Predictions are ``sigmoid(logits) > threshold``; Dice and IoU are per image and averaged over
-    images (``vlsegkit.metrics``; empty prediction on an empty mask scores ``empty_score``). For
-    several prompts per image (``C > 1``) every (image, prompt) pair counts as one image. The model's
-    train/eval mode is restored afterwards.
+    For segmentation (the default task of every model): mean per-image Dice and IoU of
+    ``sigmoid(logits) > threshold`` (``vlsegkit.metrics``; an empty prediction on an empty mask
+    scores 1), the loss and its terms; with several prompts per image every (image, prompt) pair
+    counts as one image. The model's train / eval mode is restored afterwards.
 
     Under ``torchrun`` every process must call it: a ``Dataset`` or plain ``DataLoader`` is split
     into disjoint shares (no padding, so no image counts twice) and the sums are all-reduced, so each
-    process returns the scores of the whole set. Other iterables are used as given.
+    process returns the scores of the whole set.
 
     Args:
-        model: obeys the contract in the module docstring.
-        loader: iterable of ``collate_prompts`` batches, or a map-style ``Dataset`` of items.
+        model: the model.
+        loader: iterable of batches, or a map-style ``Dataset`` of items.
+        task: the task whose ``evaluation_step`` scores a batch; default the model's own.
+        loss: shortcut for ``task=SegmentationTask(loss=loss)``.
         device: where to run; default the model's device (the model is moved if given).
-        threshold: probability threshold.
+        threshold: probability threshold of a segmentation task, in (0, 1) (default 0.5).
         autocast_dtype: None, ``torch.bfloat16`` or ``torch.float16``.
-        loss_fn: loss to report; default ``DiceBCELoss()``.
-        empty_score: score of an empty prediction on an empty mask.
         batch_size: batch size when ``loader`` is a ``Dataset``.
-        progress: show a tqdm progress bar (rank 0).
+        progress: show a tqdm progress bar (rank 0, only when stderr is a terminal).
 
     Returns:
-        ``{"dice": float, "iou": float, "loss": float, "count": number of (image, prompt) pairs}``.
+        ``{score: mean}`` plus ``"count"``, the number of items scored.
+
+    Raises:
+        ValueError: a bad argument, or a loader without batches.
     """
     _check_autocast_dtype(autocast_dtype)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _positive_int("batch_size", batch_size)
+    _check_loader(loader, "loader")
+    task = _task_for(model, task, loss)
+    if threshold is not None:
+        if not isinstance(task, SegmentationTask):
+            raise ValueError("threshold applies to segmentation tasks only")
+        task = SegmentationTask(loss=task.loss, threshold=threshold, empty_score=task.empty_score)
     env = _distributed.setup()
     device = _resolve_device(model, device, env)
+    task.to(device)
     return _evaluate(
         model,
         _eval_data(loader, batch_size, env),
+        task=task,
         device=device,
-        threshold=threshold,
         autocast_dtype=autocast_dtype,
-        loss_fn=loss_fn,
-        empty_score=empty_score,
-        progress=progress and env.is_main,
+        progress=not _no_bar(progress, env),
     )
 
 
 @torch.no_grad()
 def _evaluate(
     model: nn.Module,
-    loader: Iterable[dict[str, Any]],
+    loader: Iterable[Any],
     *,
+    task: Task,
     device: torch.device,
-    threshold: float = 0.5,
     autocast_dtype: torch.dtype | None = None,
-    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-    empty_score: float = 1.0,
     progress: bool = False,
 ) -> dict[str, float]:
-    loss_fn = DiceBCELoss() if loss_fn is None else loss_fn
-    meter = SegmentationMeter(threshold=threshold, empty_score=empty_score)
-    losses = MetricTracker()
-    was_training = model.training
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    items = 0
+    was_training, task_training = model.training, task.training
     model.eval()
+    task.eval()
     try:
-        for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
-            images, masks, prompts = _unpack(batch, device)
+        for batch in tqdm(loader, desc="eval", disable=None if progress else True, leave=False):
+            batch = move_to_device(batch, device)
             with _autocast(device, autocast_dtype):
-                logits = _logits(model(images, prompts), masks)
-            logits = logits.float()
-            losses.update("loss", loss_fn(logits, masks).item(), n=images.shape[0])
-            meter.update(_flatten_prompts(torch.sigmoid(logits)), _flatten_prompts(masks))
+                scores = task.evaluation_step(model, batch)
+            n = task.batch_size(batch)
+            per_item = [v for v in scores.values() if isinstance(v, Tensor) and v.dim() == 1]
+            items += per_item[0].numel() if per_item else n
+            for name, value in scores.items():
+                value = value.detach().double() if isinstance(value, Tensor) else value
+                if isinstance(value, Tensor) and value.dim() == 1:
+                    kept = value[~value.isnan()]
+                    total, count = float(kept.sum()), kept.numel()
+                else:
+                    total, count = float(value) * n, n
+                sums[name] = sums.get(name, 0.0) + total
+                counts[name] = counts.get(name, 0) + count
     finally:
         model.train(was_training)
-    # Per-process sums and counts, all-reduced: the means are over the whole set.
-    local = []
-    for scores in meter.scores().values():  # dice, iou
-        kept = scores[~scores.isnan()].double()
-        local += [float(kept.sum()), kept.numel()]
-    local += [losses.sums.get("loss", 0.0), losses.counts.get("loss", 0), meter.count]
-    d_sum, d_n, i_sum, i_n, l_sum, l_n, count = _distributed.all_reduce_sum(local)
-    return {
-        "dice": d_sum / d_n if d_n else math.nan,
-        "iou": i_sum / i_n if i_n else math.nan,
-        "loss": l_sum / l_n if l_n else math.nan,
-        "count": int(count),
-    }
+        task.train(task_training)
+    names = sorted(sums)
+    reduced = _distributed.all_reduce_sum(
+        [*(sums[k] for k in names), *(counts[k] for k in names), items]
+    )
+    total_items = int(reduced[-1])
+    if total_items == 0:
+        raise ValueError("the evaluation loader has no batches: there is nothing to score")
+    out = {}
+    for j, name in enumerate(names):
+        count = reduced[len(names) + j]
+        out[name] = reduced[j] / count if count else math.nan
+    out["count"] = total_items
+    return out

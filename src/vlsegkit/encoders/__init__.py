@@ -1,5 +1,7 @@
-"""Steppable encoder towers over upstream CLIP-family modules.
+"""Steppable encoder towers over upstream CLIP-family modules, the hook protocol and the runner.
 
+- :class:`Tower`, :class:`TokenState`: the stepping interface; :func:`run_towers`: the one layer loop;
+  :class:`TowerHook`, :class:`HookSlots`, :class:`RunContext`: what acts inside the towers.
 - transformers CLIP / CLIPSeg: :class:`HFCLIPVisionTower`, :class:`HFCLIPTextTower`
   (:func:`from_clip_model` builds both from a model).
 - open_clip: :class:`OpenCLIPVisionTower` (built-in ViT), :class:`OpenCLIPTextTower`,
@@ -7,9 +9,21 @@
   (open_clip's Hugging Face BERT text encoder); :func:`towers_from_open_clip` builds both.
 """
 
-from .base import Hook, TokenState, Tower, TowerOutput, attention_bias
+from .base import TokenState, Tower, TowerOutput, attention_bias
+from .factory import (
+    BertText,
+    OpenCLIPSpec,
+    OpenCLIPText,
+    OpenCLIPViT,
+    TimmViT,
+    Towers,
+    TowerSpec,
+    TransformersCLIPSpec,
+    create_towers,
+    tower_spec_from_dict,
+)
 from .hf_clip import HFCLIPTextTower, HFCLIPVisionTower, from_clip_model
-from .lockstep import run_lockstep
+from .hooks import HookSlots, RunContext, Tap, TowerHook
 from .open_clip import (
     HFBertTextTower,
     OpenCLIPTextTower,
@@ -17,20 +31,37 @@ from .open_clip import (
     TimmViTTower,
     towers_from_open_clip,
 )
+from .runner import TowerRun, check_layers, embed_tower, run_towers
 
 __all__ = [
+    "BertText",
     "HFBertTextTower",
     "HFCLIPTextTower",
     "HFCLIPVisionTower",
-    "Hook",
+    "HookSlots",
+    "OpenCLIPSpec",
+    "OpenCLIPText",
     "OpenCLIPTextTower",
+    "OpenCLIPViT",
     "OpenCLIPVisionTower",
+    "RunContext",
+    "Tap",
+    "TimmViT",
     "TimmViTTower",
     "TokenState",
     "Tower",
+    "TowerHook",
     "TowerOutput",
+    "TowerRun",
+    "TowerSpec",
+    "Towers",
+    "TransformersCLIPSpec",
     "attention_bias",
+    "check_layers",
+    "create_towers",
+    "embed_tower",
     "from_clip_model",
-    "run_lockstep",
+    "run_towers",
+    "tower_spec_from_dict",
     "towers_from_open_clip",
 ]

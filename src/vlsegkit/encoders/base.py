@@ -10,21 +10,26 @@ can be stepped one at a time::
     pooled = tower.pool(state)               # (B, E)
     dense = tower.dense(state)               # (B, P, E)
 
-Backends (``vlsegkit.encoders.hf_clip``, ``vlsegkit.encoders.open_clip``) are thin adapters over the
-upstream module objects, which keep their own weights and parameter names.
+That loop is written once, in :func:`vlsegkit.encoders.run_towers`, which also steps several towers
+together and calls :class:`~vlsegkit.encoders.TowerHook` s. Backends (``vlsegkit.encoders.hf_clip``,
+``vlsegkit.encoders.open_clip``) are thin adapters over the upstream module objects, which keep their
+own weights and parameter names.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    from .hooks import TowerHook
+
 __all__ = [
-    "Hook",
     "TokenState",
     "Tower",
     "TowerOutput",
@@ -101,6 +106,20 @@ class TokenState:
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
 
     # ------------------------------------------------------------------ edits
+    def take(self, rows: Tensor) -> TokenState:
+        """The states of batch rows ``rows`` (tokens, padding mask and pooling index together).
+
+        Args:
+            rows: ``(R,)`` long indices into the batch (repeats allowed).
+        """
+        rows = rows.to(self.tokens.device)
+        mask, pool = self.attention_mask, self.pool_index
+        return self.replace(
+            tokens=self.tokens[rows],
+            attention_mask=None if mask is None else mask[rows],
+            pool_index=None if pool is None else pool[rows],
+        )
+
     def replace(self, **changes) -> TokenState:
         """A copy with some fields changed (states are immutable so hooks cannot alias)."""
         return dataclasses.replace(self, **changes)
@@ -210,9 +229,6 @@ def attention_bias(state: TokenState, dtype: torch.dtype | None = None) -> Tenso
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-Hook = Callable[[int, TokenState], TokenState]
-
-
 @dataclass
 class TowerOutput:
     """What ``Tower.forward`` returns.
@@ -221,7 +237,8 @@ class TowerOutput:
         pooled: ``(B, E)`` pooled embedding in the joint space.
         state: the final ``TokenState`` (after the last block, before the final norm).
         hidden_states: when requested, ``num_layers + 1`` tensors ``(B, N, D)``: index 0 is the
-            embedding output, index ``i + 1`` the output of block ``i`` (the transformers convention).
+            embedding output, index ``i + 1`` the output of block ``i`` (the transformers convention;
+            as the hooks' ``kept`` points present it).
     """
 
     pooled: Tensor
@@ -254,42 +271,37 @@ class Tower(nn.Module):
     def dense(self, state: TokenState) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def run(
-        self,
-        state: TokenState,
-        *,
-        hooks: Hook | Sequence[Hook] | None = None,
-        output_hidden_states: bool = False,
-        stop_at: int | None = None,
-    ) -> tuple[TokenState, list[Tensor] | None]:
-        """Step an embedded state through blocks ``0 .. stop_at - 1`` (all by default).
+    def branch_modules(self, i: int) -> dict[str, nn.Module]:
+        """In-block hook points of block ``i``: ``{"attn": module, "mlp": module}``.
 
-        Each hook is called as ``hook(i, state)`` before block ``i`` and returns the new state.
+        Each module's output is its branch's contribution just before the residual add (attention
+        after its output projection, MLP after its second linear). The runner attaches taps
+        (:meth:`vlsegkit.encoders.TowerHook.taps`) as temporary forward hooks on these modules, so
+        the upstream block code runs unchanged.
         """
-        hooks = [] if hooks is None else [hooks] if callable(hooks) else list(hooks)
-        stop = self.num_layers if stop_at is None else stop_at
-        if not 0 <= stop <= self.num_layers:
-            raise ValueError(f"stop_at must be in [0, {self.num_layers}], got {stop_at}")
-        hidden = [state.tokens] if output_hidden_states else None
-        for i in range(stop):
-            for hook in hooks:
-                state = hook(i, state)
-            state = self.block(i, state)
-            if hidden is not None:
-                hidden.append(state.tokens)
-        return state, hidden
+        raise NotImplementedError(f"{type(self).__name__} exposes no in-block hook points")
 
     def forward(
         self,
         *args,
-        hooks: Hook | Sequence[Hook] | None = None,
+        hooks: Sequence[TowerHook] = (),
         output_hidden_states: bool = False,
         **kwargs,
     ) -> TowerOutput:
-        """Embed, step through every block (calling ``hooks``) and pool.
+        """Embed, step through every block with ``hooks`` (:func:`~vlsegkit.encoders.run_towers`)
+        and pool.
 
-        Positional and keyword arguments go to ``embed``.
+        Positional and keyword arguments go to ``embed``; the tower's role in the hooks is its
+        ``modality`` (``"vision"`` / ``"text"``).
         """
-        state = self.embed(*args, **kwargs)
-        state, hidden = self.run(state, hooks=hooks, output_hidden_states=output_hidden_states)
-        return TowerOutput(pooled=self.pool(state), state=state, hidden_states=hidden)
+        from .runner import embed_tower, run_towers
+
+        name = self.modality
+        state = embed_tower(name, self, *args, hooks=hooks, **kwargs)
+        keep = {name: range(self.num_layers)} if output_hidden_states else None
+        run = run_towers({name: self}, {name: state}, hooks=hooks, keep=keep)
+        hidden = None
+        if output_hidden_states:
+            hidden = [state.tokens, *(s.tokens for s in run.kept[name].values())]
+        final = run.states[name]
+        return TowerOutput(pooled=self.pool(final), state=final, hidden_states=hidden)

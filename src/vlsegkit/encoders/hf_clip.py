@@ -56,6 +56,11 @@ def _run_layer(layer: nn.Module, state: TokenState) -> TokenState:
     return state.with_tokens(out)
 
 
+def _branches(layer: nn.Module) -> dict[str, nn.Module]:
+    # CLIPEncoderLayer: x = x + self_attn(layer_norm1(x))[0]; x = x + mlp(layer_norm2(x))
+    return {"attn": layer.self_attn, "mlp": layer.mlp}
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """``CLIPSegForImageSegmentation`` keeps its CLIP at ``.clip``."""
     clip = getattr(model, "clip", None)
@@ -164,6 +169,11 @@ class HFCLIPVisionTower(Tower):
         """Run ``vision_model.encoder.layers[i]`` (bidirectional attention)."""
         _check_layer_index(i, self.num_layers)
         return _run_layer(self.vision_model.encoder.layers[i], state)
+
+    def branch_modules(self, i: int) -> dict[str, nn.Module]:
+        """``self_attn`` (its output before the residual add) and ``mlp`` of encoder layer ``i``."""
+        _check_layer_index(i, self.num_layers)
+        return _branches(self.vision_model.encoder.layers[i])
 
     def pool(self, state: TokenState) -> Tensor:
         """``visual_projection(post_layernorm(tokens[:, 0]))`` -> ``(B, E)`` (``get_image_features``)."""
@@ -305,6 +315,11 @@ class HFCLIPTextTower(Tower):
         """Run ``text_model.encoder.layers[i]`` with the causal + padding bias of ``state``."""
         _check_layer_index(i, self.num_layers)
         return _run_layer(self.text_model.encoder.layers[i], state)
+
+    def branch_modules(self, i: int) -> dict[str, nn.Module]:
+        """``self_attn`` and ``mlp`` of text encoder layer ``i`` (outputs before the residual add)."""
+        _check_layer_index(i, self.num_layers)
+        return _branches(self.text_model.encoder.layers[i])
 
     def pool(self, state: TokenState) -> Tensor:
         """``text_projection(final_layer_norm(tokens[eos]))`` -> ``(B, E)`` (``get_text_features``)."""

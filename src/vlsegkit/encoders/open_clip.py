@@ -110,6 +110,15 @@ def _open_clip_mask(state: TokenState, num_heads: int) -> Tensor | None:
     return bias.expand(-1, num_heads, -1, -1).reshape(-1, n, n)
 
 
+def _resblock_branches(block: nn.Module) -> dict[str, nn.Module]:
+    # ResidualAttentionBlock: x = x + ls_1(attn(ln_1(x))); x = x + ls_2(mlp(ln_2(x)))
+    if not all(hasattr(block, a) for a in ("ls_1", "ls_2")):
+        raise NotImplementedError(
+            f"{type(block).__name__} has no ls_1 / ls_2 branch outputs to hook into"
+        )
+    return {"attn": block.ls_1, "mlp": block.ls_2}
+
+
 def _run_open_clip_block(block: nn.Module, state: TokenState, *, batch_first: bool) -> Tensor:
     mask = _open_clip_mask(state, block.attn.num_heads)
     x = state.tokens
@@ -210,6 +219,12 @@ class OpenCLIPVisionTower(Tower):
         return state.with_tokens(
             _run_open_clip_block(t.resblocks[i], state, batch_first=t.batch_first)
         )
+
+    def branch_modules(self, i: int) -> dict[str, nn.Module]:
+        """``ls_1`` / ``ls_2`` of residual block ``i``: the attention and MLP branch outputs (after
+        the optional LayerScale) just before each residual add."""
+        _check_layer_index(i, self.num_layers)
+        return _resblock_branches(self.visual.transformer.resblocks[i])
 
     def _global_pool(self, state: TokenState, tokens: Tensor) -> Tensor:
         # 'avg' averages the patch tokens only: prompts are not part of the image
@@ -386,6 +401,11 @@ class OpenCLIPTextTower(Tower):
             _run_open_clip_block(t.resblocks[i], state, batch_first=t.batch_first)
         )
 
+    def branch_modules(self, i: int) -> dict[str, nn.Module]:
+        """``ls_1`` / ``ls_2`` of text residual block ``i`` (branch outputs before the residual add)."""
+        _check_layer_index(i, self.num_layers)
+        return _resblock_branches(self.text.transformer.resblocks[i])
+
     def pool(self, state: TokenState) -> Tensor:
         """``LN_final(tokens[pool_index]) W_proj`` -> ``(B, E)`` (``encode_text``, unnormalised)."""
         if state.pool_index is None:
@@ -523,6 +543,17 @@ class TimmViTTower(Tower):
         bias = attention_bias(state)
         out = blk(state.tokens) if bias is None else blk(state.tokens, attn_mask=bias)
         return state.with_tokens(out)
+
+    def branch_modules(self, i: int) -> dict[str, nn.Module]:
+        """``drop_path1`` / ``drop_path2`` of timm block ``i``: the attention and MLP branch outputs
+        (after LayerScale and stochastic depth) just before each residual add."""
+        _check_layer_index(i, self.num_layers)
+        blk = self.visual.trunk.blocks[i]
+        if not all(hasattr(blk, a) for a in ("drop_path1", "drop_path2")):
+            raise NotImplementedError(
+                f"timm {type(blk).__name__} has no drop_path1 / drop_path2 branch outputs"
+            )
+        return {"attn": blk.drop_path1, "mlp": blk.drop_path2}
 
     def _head(self, x: Tensor) -> Tensor:
         trunk = self.visual.trunk
@@ -669,6 +700,13 @@ class HFBertTextTower(Tower):
         _check_layer_index(i, self.num_layers)
         out = self.text.transformer.encoder.layer[i](state.tokens, attention_mask=self._mask(state))
         return state.with_tokens(out[0] if isinstance(out, tuple) else out)
+
+    def branch_modules(self, i: int) -> dict[str, nn.Module]:
+        """The dropouts after BERT layer ``i``'s attention output projection and its FFN output
+        projection: each branch's value just before ``LayerNorm(branch + residual)``."""
+        _check_layer_index(i, self.num_layers)
+        layer = self.text.transformer.encoder.layer[i]
+        return {"attn": layer.attention.output.dropout, "mlp": layer.output.dropout}
 
     def pool(self, state: TokenState) -> Tensor:
         """open_clip's pooler then ``proj`` -> ``(B, E)`` (``HFTextEncoder.forward``)."""

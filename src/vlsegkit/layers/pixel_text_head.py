@@ -13,10 +13,22 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
-__all__ = ["PixelTextHead", "ScaleBlock"]
+__all__ = ["LayerNorm2d", "PixelTextHead", "ScaleBlock"]
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a ``(B, C, H, W)`` map (timm's ``LayerNorm2d`` semantics:
+    per-pixel normalisation over C, affine ``weight`` / ``bias`` of shape ``(C,)``, eps 1e-6)."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__(num_channels, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
 
 
 class ScaleBlock(nn.Module):

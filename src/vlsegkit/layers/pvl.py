@@ -15,6 +15,8 @@ released checkpoints additionally need ``kv_norm=True`` (LayerNorm on the key / 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -122,7 +124,8 @@ class PVLAttention(nn.Module):
         context: Tensor,
         *,
         context_padding_mask: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        noise: Tensor | None = None,
         sample: bool | None = None,
     ) -> Tensor:
         """Attend from ``x`` to ``context`` and gate the result into ``x``.
@@ -132,8 +135,12 @@ class PVLAttention(nn.Module):
             context: ``(B, M, dim)`` context sequence ``Z``.
             context_padding_mask: optional ``(B, M)`` bool, True for real context tokens (padded
                 keys get no attention; a query with no valid key gets ``O = 0``).
-            generator: random generator for the value noise (reproducible sampling); it must live
-                on the device of the inputs.
+            generator: random generator for the value noise (reproducible sampling), on the device
+                of the inputs; or a sequence of S generators, one per equal chunk of the batch
+                (Monte Carlo copies stacked copy-major): chunk ``s`` then draws exactly the noise a
+                call on that chunk alone with ``generators[s]`` would.
+            noise: ``(B, M, attn_dim)`` standard-normal draws to use instead of generating them
+                (replays exact draws); implies sampling.
             sample: sample the values (eq. 10); None means ``not self.deterministic``.
 
         Returns:
@@ -141,14 +148,18 @@ class PVLAttention(nn.Module):
         """
         _check_tokens("x", x, self.dim)
         _check_tokens("context", context, self.dim, batch=x.shape[0])
-        sample = not self.deterministic if sample is None else sample
+        sample = (not self.deterministic if sample is None else sample) or noise is not None
         k_mu, k_var, v_mu, v_var = self.gaussian_keys_values(context)
         values = v_mu
         if sample:
-            noise = torch.randn(
-                v_mu.shape, generator=generator, device=v_mu.device, dtype=v_mu.dtype
-            )
-            values = v_mu + v_var.sqrt() * noise
+            if noise is None:
+                noise = _draw_noise(v_mu, generator)
+            elif noise.shape != v_mu.shape:
+                raise ValueError(
+                    f"noise must have shape {tuple(v_mu.shape)} (B, M, attn_dim), got "
+                    f"{tuple(noise.shape)}"
+                )
+            values = v_mu + v_var.sqrt() * noise.to(v_mu.dtype)
         q, k_mu, k_var, values = (
             rearrange(t, "b n (h d) -> b h n d", h=self.num_heads)
             for t in (self.q_proj(x), k_mu, k_var, values)
@@ -171,6 +182,24 @@ class PVLAttention(nn.Module):
             f"dim={self.dim}, attn_dim={self.attn_dim}, num_heads={self.num_heads}, "
             f"beta={self.beta}, var_eps={self.var_eps}, deterministic={self.deterministic}"
         )
+
+
+def _draw_noise(like: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None):
+    """``randn(like.shape)`` from one generator, or chunk ``s`` of the batch from generator ``s``."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    generators = list(generator)
+    if not generators or like.shape[0] % len(generators):
+        raise ValueError(
+            f"{len(generators)} generators cannot split a batch of {like.shape[0]} into equal "
+            "chunks (one generator per Monte Carlo copy)"
+        )
+    return torch.cat(
+        [
+            torch.randn(chunk.shape, generator=g, device=like.device, dtype=like.dtype)
+            for chunk, g in zip(like.chunk(len(generators)), generators)
+        ]
+    )
 
 
 class PVLTwoWayLayer(nn.Module):
@@ -197,7 +226,7 @@ class PVLTwoWayLayer(nn.Module):
         t: Tensor,
         *,
         text_padding_mask: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         sample: bool | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Update image tokens from text, then text tokens from the updated image tokens.
@@ -207,7 +236,8 @@ class PVLTwoWayLayer(nn.Module):
             t: ``(B, M, dim)`` text tokens.
             text_padding_mask: optional ``(B, M)`` bool, True for real text tokens; masks the text
                 keys of the image update (text queries are all updated).
-            generator: value-noise generator, used first by the image update, then by the text one.
+            generator: value-noise generator (or one per batch chunk, see :class:`PVLAttention`),
+                used first by the image update, then by the text one.
             sample: see :class:`PVLAttention`.
 
         Returns:
@@ -262,7 +292,7 @@ class PVLAdapter(nn.Module):
         text_tokens: Tensor,
         *,
         text_padding_mask: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         sample: bool | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Fuse the two residual streams.
@@ -272,7 +302,8 @@ class PVLAdapter(nn.Module):
             text_tokens: ``(B, M, text_dim)`` text residual stream.
             text_padding_mask: optional ``(B, M)`` bool, True for real text tokens. None attends to
                 every text position, padding included -- what the released model does.
-            generator: value-noise generator (reproducible sampling).
+            generator: value-noise generator (reproducible sampling), or one per equal batch chunk
+                (Monte Carlo copies; see :class:`PVLAttention`).
             sample: sample the values; None follows each attention module's ``deterministic``.
 
         Returns:

@@ -1,7 +1,26 @@
-"""Complete vision-language segmentation models."""
+"""Complete vision-language segmentation models, their outputs and capabilities."""
 
-from .base import VLSM, SegmentationOutput
+from .base import VLSM, eval_mode, parse_text_prompts, prompts_per_image
+from .capabilities import SupportsDecoderFeatures, SupportsHooks, SupportsUncertainty
 from .clipseg import CLIPSeg
-from .medclipseg import MedCLIPSeg, MedCLIPSegLoss
+from .medclipseg import MedCLIPSeg, MedCLIPSegPrefix
+from .outputs import CLIPSegOutput, MedCLIPSegOutput, SegmentationOutput
+from .tuned import TunedModel, load_tuned
 
-__all__ = ["VLSM", "CLIPSeg", "MedCLIPSeg", "MedCLIPSegLoss", "SegmentationOutput"]
+__all__ = [
+    "VLSM",
+    "CLIPSeg",
+    "CLIPSegOutput",
+    "MedCLIPSeg",
+    "MedCLIPSegOutput",
+    "MedCLIPSegPrefix",
+    "SegmentationOutput",
+    "SupportsDecoderFeatures",
+    "SupportsHooks",
+    "SupportsUncertainty",
+    "TunedModel",
+    "eval_mode",
+    "load_tuned",
+    "parse_text_prompts",
+    "prompts_per_image",
+]

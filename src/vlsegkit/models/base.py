@@ -1,8 +1,9 @@
 """``VLSM``: the base class of every vlsegkit model, with Hub save / load and preprocessing.
 
-A model is described by a JSON-serialisable config (``model.config``) that rebuilds it without weights
-(``Model.from_config``); ``save_pretrained`` writes that config as ``config.json`` (with ``model_type``
-and ``vlsegkit_format_version``) plus ``model.safetensors``. ``VLSM.from_pretrained`` reads the config,
+A model's config is the keyword arguments it was built with, recorded once at construction
+(``model.config``; no hand-written config property can drift from the constructor) and rebuilt with
+``VLSM.from_config``; ``save_pretrained`` writes it as ``config.json`` (with ``model_type`` and
+``vlsegkit_format_version``) plus ``model.safetensors``. ``VLSM.from_pretrained`` reads the config,
 picks the class registered for its ``model_type`` and loads the weights strictly. Upstream checkpoint
 layouts (e.g. a transformers CLIPSeg repository) are recognised and converted on load by the class that
 claims them (``_from_foreign``).
@@ -10,17 +11,18 @@ claims them (``_from_foreign``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._config import RecordsConfig
 from ..hub import (
     CONFIG_NAME,
     PICKLE_NAMES,
@@ -33,28 +35,18 @@ from ..hub import (
     save_safetensors,
     write_json,
 )
+from ..registry import hook_from_config, model_class, model_types, register_model_type
+from .outputs import SegmentationOutput
 
-__all__ = ["VLSM", "ImageInput", "SegmentationOutput", "to_image_tensor"]
+if TYPE_CHECKING:
+    from ..encoders.hooks import TowerHook
+    from ..tasks import Task
+
+__all__ = ["VLSM", "ImageInput", "SegmentationOutput", "eval_mode", "to_image_tensor"]
 
 FORMAT_VERSION = 1
-_MODEL_TYPES: dict[str, type[VLSM]] = {}
 
 ImageInput = Any  # PIL.Image.Image | np.ndarray | Tensor
-
-
-@dataclass
-class SegmentationOutput:
-    """Output of a VLSM forward pass.
-
-    Attributes:
-        logits: ``(B, C, H, W)`` mask logits at input resolution, one channel per prompt.
-        conditional_embeddings: ``(B, C, E)`` the conditions the decoder used.
-        extras: model-specific tensors (e.g. patch tokens for auxiliary losses).
-    """
-
-    logits: Tensor
-    conditional_embeddings: Tensor | None = None
-    extras: dict[str, Tensor] | None = None
 
 
 def to_image_tensor(image: ImageInput) -> Tensor:
@@ -99,6 +91,107 @@ def to_image_tensor(image: ImageInput) -> Tensor:
     return t
 
 
+def parse_text_prompts(prompts: Any, batch: int) -> tuple[list[str], Tensor]:
+    """Distinct prompt strings and the ``(B, C)`` index of the string each output channel uses.
+
+    The pairing rule of every model's ``forward`` (B images):
+
+    - a string: the same prompt for every image (C = 1);
+    - a list of B strings: one prompt per image (C = 1), the transformers convention;
+    - a list of T != B strings: every image with every prompt (C = T);
+    - a list of B lists of C strings: per-image prompt sets.
+
+    Identical strings are kept once (each distinct prompt is encoded once).
+
+    Raises:
+        ValueError: an empty list, non-strings, or nested lists that do not match the batch.
+    """
+    if isinstance(prompts, str):
+        return [prompts], torch.zeros(batch, 1, dtype=torch.long)
+    if not isinstance(prompts, Sequence) or isinstance(prompts, (bytes, Tensor)):
+        raise ValueError(
+            "prompts must be a string, a list of strings or B lists of strings, got "
+            f"{type(prompts).__name__}"
+        )
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts must not be an empty list")
+    if all(isinstance(p, str) for p in prompts):
+        flat, index = prompts, _pairing(batch, len(prompts))
+    elif all(isinstance(p, (list, tuple)) for p in prompts):
+        counts = {len(p) for p in prompts}
+        if len(prompts) != batch or len(counts) != 1 or 0 in counts:
+            raise ValueError(
+                f"nested prompts must be B={batch} lists (one per image) of the same non-zero "
+                f"length, got lengths {[len(p) for p in prompts]}"
+            )
+        flat = [s for row in prompts for s in row]
+        if not all(isinstance(s, str) for s in flat):
+            raise ValueError("prompts must be strings")
+        index = torch.arange(len(flat)).view(batch, -1)
+    else:
+        raise ValueError("prompts must be a string, a list of strings or B lists of strings")
+    distinct = list(dict.fromkeys(flat))
+    where = {text: n for n, text in enumerate(distinct)}
+    remap = torch.tensor([where[text] for text in flat], dtype=torch.long)
+    return distinct, remap[index]
+
+
+def check_token_rows(
+    input_ids: Any, attention_mask: Any, batch: int
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Validate pre-tokenised prompts ``(T, L)`` (+ mask) and pair them like ``parse_text_prompts``."""
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or 0 in input_ids.shape:
+        shape = (
+            tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+        )
+        raise ValueError(f"input_ids must be a (T, L) tensor with T, L >= 1, got {shape}")
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+    if attention_mask is not None and (
+        not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape
+    ):
+        shape = getattr(attention_mask, "shape", type(attention_mask).__name__)
+        raise ValueError(
+            f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)} (T, L), "
+            f"got {tuple(shape) if isinstance(shape, torch.Size) else shape}"
+        )
+    return input_ids, attention_mask, _pairing(batch, input_ids.shape[0])
+
+
+def check_pixels(pixel_values: Any, channels: int = 3) -> Tensor:
+    """Validate ``(B, C, H, W)`` floating-point pixels with B >= 1."""
+    if not isinstance(pixel_values, Tensor):
+        raise ValueError(
+            f"pixel_values must be a (B, {channels}, H, W) tensor, got {type(pixel_values).__name__}"
+            " (use model.predict for PIL images or numpy arrays)"
+        )
+    if pixel_values.dim() != 4 or pixel_values.shape[1] != channels or pixel_values.shape[0] == 0:
+        raise ValueError(
+            f"pixel_values must have shape (B, {channels}, H, W) with B >= 1, got "
+            f"{tuple(pixel_values.shape)}"
+        )
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"pixel_values must be normalised floating-point images, got dtype {pixel_values.dtype}"
+            " (use model.preprocess or model.predict for raw images)"
+        )
+    return pixel_values
+
+
+def pair_rows(index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Expand a ``(B, C)`` pairing to one row per (image, condition) pair.
+
+    Returns:
+        ``(rows, images, pair_index)``: the condition row of each pair ``(B*C,)``, the image of
+        each pair ``(B*C,)`` and the new ``(B, C)`` index ``arange(B*C)``.
+    """
+    b, c = index.shape
+    rows = index.reshape(-1)
+    images = torch.arange(b).repeat_interleave(c)
+    return rows, images, torch.arange(b * c).view(b, c)
+
+
 def _pairing(batch: int, rows: int) -> Tensor:
     """``(B, C)`` index of the condition row each output channel uses.
 
@@ -110,19 +203,70 @@ def _pairing(batch: int, rows: int) -> Tensor:
     return torch.arange(rows).view(1, rows).expand(batch, rows)
 
 
-def _needs_grad(module: nn.Module, *inputs: Tensor) -> bool:
-    """Whether a frozen tower must record its graph (something upstream of it wants gradients)."""
-    if not torch.is_grad_enabled():
-        return False
-    return any(p.requires_grad for p in module.parameters()) or any(t.requires_grad for t in inputs)
+def _as_image_list(images: ImageInput | Sequence[ImageInput]) -> tuple[bool, list[ImageInput]]:
+    """``(single, items)``: one image or a list / batch of them."""
+    many = isinstance(images, (list, tuple)) or (isinstance(images, Tensor) and images.dim() == 4)
+    items = list(images) if many else [images]
+    if not items:
+        raise ValueError("images must hold at least one image")
+    return not many, items
 
 
-class VLSM(nn.Module):
+def prompts_per_image(prompts: Any, num_images: int) -> list[list[str]]:
+    """The prompts of every image under ``predict``'s rule (the same for every model).
+
+    Args:
+        prompts: one string (every image, C = 1); a list of C strings (every image gets all C,
+            whatever C is); or a list with one list of C strings per image (the same C for all).
+        num_images: number of images.
+
+    Returns:
+        ``num_images`` lists of C strings.
+
+    Raises:
+        ValueError: no prompts, non-strings, or nested lists that do not give each image C prompts.
+    """
+    if isinstance(prompts, str):
+        return [[prompts] for _ in range(num_images)]
+    if not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError(
+            "prompts must be a string, a non-empty list of strings, or one list of strings per "
+            f"image; got {prompts!r}"
+        )
+    if all(isinstance(p, str) for p in prompts):
+        return [list(prompts) for _ in range(num_images)]
+    if all(isinstance(p, (list, tuple)) for p in prompts):
+        counts = {len(p) for p in prompts}
+        if len(prompts) != num_images or len(counts) != 1 or 0 in counts:
+            raise ValueError(
+                f"nested prompts must be {num_images} lists (one per image) of the same non-zero "
+                f"length, got lengths {[len(p) for p in prompts]}"
+            )
+        if not all(isinstance(s, str) for row in prompts for s in row):
+            raise ValueError("prompts must be strings")
+        return [list(p) for p in prompts]
+    raise ValueError("prompts must be a string, a list of strings or one list of strings per image")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Put ``model`` in eval mode and restore its train / eval mode afterwards, even on errors."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+class VLSM(RecordsConfig, nn.Module):
     """Base class of vision-language segmentation models.
 
-    Subclasses set ``model_type``, implement ``config`` (JSON-serialisable constructor arguments) and
-    ``forward``, and may override ``_from_foreign`` to accept upstream checkpoint layouts. They inherit
-    Hub I/O, ``predict`` preprocessing and the frozen / trainable split.
+    Subclasses set ``model_type`` and implement ``forward``; their constructor arguments are recorded
+    as ``config`` automatically. They inherit Hub I/O, ``predict``, the frozen / trainable split and
+    ``default_task``, and may override ``_from_foreign`` to accept upstream checkpoint layouts.
+    Models built from towers also define ``hook_slots()`` and take ``hooks=`` (see
+    :class:`~vlsegkit.models.capabilities.SupportsHooks`).
 
     Class attributes:
         model_type: registry key written to ``config.json``.
@@ -134,26 +278,61 @@ class VLSM(nn.Module):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.model_type:
-            _MODEL_TYPES[cls.model_type] = cls
+        if cls.__dict__.get("model_type"):
+            register_model_type(cls.model_type, cls)
 
     # -------------------------------------------------------------- configuration
     @property
-    def config(self) -> dict[str, Any]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable constructor arguments (``type(model)(**model.config)`` rebuilds it)."""
+        return self.config_args
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> VLSM:
         """Build a model (random weights) from ``config``, dispatching on ``model_type``."""
+        if not isinstance(config, dict):
+            raise CheckpointError(
+                f"a model config must be a JSON object, got {type(config).__name__}"
+            )
         config = dict(config)
         model_type = config.pop("model_type", cls.model_type)
         config.pop("vlsegkit_format_version", None)
-        target = _MODEL_TYPES.get(model_type)
-        if target is None:
-            raise ValueError(f"unknown model_type {model_type!r}; known: {sorted(_MODEL_TYPES)}")
+        try:
+            target = model_class(model_type)
+        except KeyError as e:
+            raise CheckpointError(f"config.json: {e.args[0]}") from None
         if cls is not VLSM and not issubclass(target, cls):
-            raise ValueError(f"config is for {target.__name__}, not {cls.__name__}")
-        return target(**config)
+            raise CheckpointError(
+                f"config.json is for {target.__name__} (model_type {model_type!r}), not "
+                f"{cls.__name__}; load it with vlsegkit.VLSM.from_pretrained"
+            )
+        try:
+            return target(**config)
+        except TypeError as e:
+            raise CheckpointError(f"config.json does not fit {target.__name__}: {e}") from e
+
+    # -------------------------------------------------------------- hooks
+    def _bind_hooks(self, hooks: Sequence[TowerHook | dict] | None) -> nn.ModuleList:
+        """Rebuild (from configs) and bind the model-owned hooks to this model's slots."""
+        from ..encoders.hooks import TowerHook
+
+        bound = []
+        for hook in hooks or ():
+            if isinstance(hook, dict):
+                hook = hook_from_config(hook)
+            if not isinstance(hook, TowerHook):
+                raise TypeError(f"hooks must be TowerHook instances or configs, got {hook!r}")
+            bound.append(hook.bind(self.hook_slots()))
+        return nn.ModuleList(bound)
+
+    def _run_hooks(self, extra: Sequence[TowerHook]) -> tuple[TowerHook, ...]:
+        """The model's own hooks followed by the ones given to this call."""
+        from ..encoders.hooks import TowerHook
+
+        for hook in extra:
+            if not isinstance(hook, TowerHook):
+                raise TypeError(f"hooks must be TowerHook instances, got {type(hook).__name__}")
+        return (*getattr(self, "hooks", ()), *extra)
 
     # -------------------------------------------------------------- parameters
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
@@ -163,6 +342,27 @@ class VLSM(nn.Module):
     def num_parameters(self, *, trainable_only: bool = False) -> int:
         params = self.trainable_parameters() if trainable_only else self.parameters()
         return sum(p.numel() for p in params)
+
+    def freeze_backbone(self, frozen: bool = True) -> VLSM:
+        """Freeze (or unfreeze) the pretrained towers; everything else keeps its state."""
+        for name in ("vision_tower", "text_tower"):
+            tower = getattr(self, name, None)
+            if tower is not None:
+                tower.requires_grad_(not frozen)
+        if "freeze_backbone" in self.__dict__.get("_config_args", {}):
+            self._set_config_arg(freeze_backbone=frozen)
+        return self
+
+    # -------------------------------------------------------------- training
+    def default_task(self) -> Task:
+        """The task of this model's paper (what ``fit(model, loader)`` optimises).
+
+        Default: :class:`~vlsegkit.tasks.SegmentationTask` with ``0.5 Dice + 0.5 BCE``.
+        """
+        from ..losses import DiceBCELoss
+        from ..tasks import SegmentationTask
+
+        return SegmentationTask(loss=DiceBCELoss())
 
     # -------------------------------------------------------------- preprocessing
     image_size: tuple[int, int] = (224, 224)
@@ -175,21 +375,20 @@ class VLSM(nn.Module):
         std = images.new_tensor(self.image_std)[:, None, None]
         return (images - mean) / std
 
+    def _device(self) -> torch.device:
+        first = next(self.parameters(), None)
+        return first.device if first is not None else torch.device("cpu")
+
     def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> tuple[Tensor, list]:
         """Resize + normalise images for ``forward``.
 
         Returns:
             ``pixel_values (B, 3, *image_size)`` and the list of original ``(H, W)`` sizes.
         """
-        if isinstance(images, (list, tuple)) or (isinstance(images, Tensor) and images.dim() == 4):
-            items = list(images)
-        else:
-            items = [images]
-        if not items:
-            raise ValueError("predict() needs at least one image")
+        _, items = _as_image_list(images)
         tensors = [to_image_tensor(im) for im in items]
         sizes = [tuple(t.shape[-2:]) for t in tensors]
-        device = next(self.parameters()).device
+        device = self._device()
         batch = torch.stack(
             [
                 F.interpolate(
@@ -204,10 +403,59 @@ class VLSM(nn.Module):
         )
         return self.normalize(batch), sizes
 
+    def image_chunks(
+        self, images: ImageInput | Sequence[ImageInput], batch_size: int
+    ) -> Iterator[tuple[int, Tensor, list[tuple[int, int]]]]:
+        """``(start, pixel_values, original sizes)`` for consecutive chunks of ``batch_size`` images."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        _, items = _as_image_list(images)
+        for start in range(0, len(items), batch_size):
+            pixels, sizes = self.preprocess(items[start : start + batch_size])
+            yield start, pixels, sizes
+
+    def _predict_probs(self, pixel_values: Tensor, prompts: list[list[str]]) -> Tensor:
+        """``(B, C, H, W)`` probabilities at the model's resolution for per-image prompt lists."""
+        return self(pixel_values, prompts).logits.sigmoid()
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        prompts: str | Sequence[str] | Sequence[Sequence[str]],
+        *,
+        batch_size: int = 8,
+    ) -> Tensor | list[Tensor]:
+        """Probabilities for every prompt, at each image's original size.
+
+        Args:
+            images: one image or a list (PIL, numpy ``(H, W[, 3])``, tensors ``(3, H, W)``), any size;
+                resized to ``image_size`` and normalised.
+            prompts: one prompt, or a list of C prompts applied to **every** image, or one list of C
+                prompts per image (:func:`prompts_per_image`; the same rule for every model).
+            batch_size: images per forward pass.
+
+        Returns:
+            ``(C, H, W)`` probabilities for a single image, or a list of them for a list of images.
+            The model's train / eval mode is restored afterwards, also after an error.
+        """
+        single, items = _as_image_list(images)
+        per_image = prompts_per_image(prompts, len(items))
+        out: list[Tensor] = []
+        with eval_mode(self):
+            for start, pixels, sizes in self.image_chunks(items, batch_size):
+                probs = self._predict_probs(pixels, per_image[start : start + len(sizes)])
+                for p, size in zip(probs, sizes):
+                    up = F.interpolate(p[None], size=size, mode="bilinear", align_corners=False)
+                    out.append(up[0].cpu())
+        return out[0] if single else out
+
     # -------------------------------------------------------------- Hub I/O
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write ``config.json`` and ``model.safetensors`` (each atomically) to ``save_directory``."""
         directory = Path(save_directory)
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"save_directory {directory} exists and is not a folder")
         directory.mkdir(parents=True, exist_ok=True)
         save_safetensors(self.state_dict(), directory / SAFETENSORS_NAME)
         config = {
@@ -263,18 +511,23 @@ class VLSM(nn.Module):
         )
         config_path = resolve_file(id_or_path, CONFIG_NAME, **kw)
         config = read_json(config_path)
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{config_path} does not hold a JSON object")
         if "vlsegkit_format_version" in config:
             version = config["vlsegkit_format_version"]
-            if not isinstance(version, int) or version > FORMAT_VERSION:
+            if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+                raise CheckpointError(
+                    f"{config_path}: vlsegkit_format_version must be a positive int, got "
+                    f"{version!r}"
+                )
+            if version > FORMAT_VERSION:
                 raise CheckpointError(
                     f"{config_path}: vlsegkit_format_version {version!r} is newer than this "
                     f"vlsegkit understands ({FORMAT_VERSION}); upgrade vlsegkit"
                 )
-            model = cls.from_config(config)
-            weights = resolve_file(id_or_path, SAFETENSORS_NAME, **kw)
-            load_state_dict_strict(model, load_checkpoint_file(weights), source=str(weights))
-            return model._mark_source(id_or_path, revision).eval()
-        for klass in _MODEL_TYPES.values():
+            target = model_class(config.get("model_type", cls.model_type))
+            return target._from_vlsegkit(id_or_path, config, config_path, **kw)
+        for klass in model_types().values():
             if (cls is VLSM or issubclass(klass, cls)) and klass._claims_foreign(config):
                 model = klass._from_foreign(id_or_path, config, **kw)
                 return model._mark_source(id_or_path, revision).eval()
@@ -283,13 +536,23 @@ class VLSM(nn.Module):
             f"upstream layout vlsegkit can convert (model_type={config.get('model_type')!r})"
         )
 
+    @classmethod
+    def _from_vlsegkit(cls, id_or_path, config: dict[str, Any], config_path, **hub_kwargs) -> VLSM:
+        """Build from a vlsegkit ``config.json`` and load ``model.safetensors`` strictly."""
+        model = cls.from_config(config)
+        weights = resolve_file(id_or_path, SAFETENSORS_NAME, **hub_kwargs)
+        load_state_dict_strict(model, load_checkpoint_file(weights), source=str(weights))
+        return model._mark_source(id_or_path, hub_kwargs.get("revision")).eval()
+
     #: Where ``from_pretrained`` loaded the weights from (Hub id or folder) and the revision asked
-    #: for; None for models built from a config. Prompt learners record these to find their base.
+    #: for; None for models built from a config. Tuned models record these to find their base.
     name_or_path: str | None = None
     revision: str | None = None
 
     def _mark_source(self, id_or_path, revision: str | None) -> VLSM:
-        self.name_or_path = str(id_or_path)
+        local = Path(id_or_path)
+        # a folder is recorded absolute, so a tuned model finds its base from any working directory
+        self.name_or_path = str(local.resolve()) if local.is_dir() else str(id_or_path)
         self.revision = revision
         return self
 

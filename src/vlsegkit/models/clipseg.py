@@ -3,61 +3,72 @@
 Lüddecke & Ecker, "Image Segmentation Using Text and Image Prompts", CVPR 2022; the medical transfer
 study of Poudel et al. ("Exploring Transfer Learning in Medical Image Segmentation using
 Vision-Language Models", MIDL 2024) fine-tunes it as a baseline. The towers are the transformers
-``CLIPSegModel`` modules, stepped through vlsegkit's tower adapters; the decoder is
+``CLIPSegModel`` modules (built by :func:`vlsegkit.encoders.create_towers`), stepped through the one
+runner with whatever hooks are attached (prompt learners, adapters); the decoder is
 :class:`vlsegkit.decoders.FiLMDecoder`. Checkpoints in the transformers layout (``CIDAS/clipseg-rd16``,
 ``-rd64``, ``-rd64-refined``) convert on load.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..decoders.film import FiLMDecoder
-from ..encoders.hf_clip import from_clip_model
+from ..encoders.factory import TransformersCLIPSpec, create_towers, tower_spec_from_dict
+from ..encoders.hooks import HookSlots, RunContext, TowerHook
+from ..encoders.runner import check_layers, embed_tower, run_towers
 from ..hub import CheckpointError, load_state_dict_strict, read_json, resolve_file
 from ..registry import register_model
-from ..tokenizers import CLIPTokenizer
-from .base import VLSM, ImageInput, SegmentationOutput, _needs_grad, _pairing
+from .base import (
+    VLSM,
+    _pairing,
+    check_pixels,
+    check_token_rows,
+    pair_rows,
+    parse_text_prompts,
+)
+from .outputs import CLIPSegOutput
 
 __all__ = ["CLIPSeg"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_TEXT_KEYS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "max_position_embeddings", "hidden_act", "layer_norm_eps", "pad_token_id", "bos_token_id",
-    "eos_token_id",
-)  # fmt: skip
-_VISION_KEYS = (
-    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
-    "image_size", "patch_size", "hidden_act", "layer_norm_eps",
-)  # fmt: skip
 # Upstream keys that carry no weights vlsegkit uses: CLIP's contrastive temperature and the
 # position-id buffers that pre-2023 transformers wrote into checkpoints.
 _IGNORED_FOREIGN_SUFFIXES = ("logit_scale", "position_ids")
+_TOWER_ATTR = {"vision": "vision_tower", "text": "text_tower"}
 
 
-def _clip_backbone_config(backbone: dict[str, Any]):
-    from transformers import CLIPSegConfig
-
-    return CLIPSegConfig(
-        text_config=dict(backbone["text_config"]),
-        vision_config=dict(backbone["vision_config"]),
-        projection_dim=backbone["projection_dim"],
-    )
+def _backbone_spec(backbone: Any) -> TransformersCLIPSpec:
+    if isinstance(backbone, dict) and "kind" not in backbone:
+        backbone = {"kind": "transformers_clip", "model": "clipseg", **backbone}
+    spec = tower_spec_from_dict(backbone)
+    if not isinstance(spec, TransformersCLIPSpec):
+        raise ValueError(f"CLIPSeg needs a transformers CLIP backbone, got kind {spec.kind!r}")
+    return spec
 
 
 class CLIPSeg(VLSM):
     """CLIPSeg with text, image or embedding conditioning and any number of prompts per image.
 
+    Forward pass (Lüddecke & Ecker 2022)::
+
+        A_k = vision.block_k(...) for k in extract_layers       # kept activations (runner)
+        c   = text.pool(text(prompt))  (or a support image's / a given embedding)
+        logits = FiLMDecoder([A_k], c)                           # (B, C, H, W)
+
+    Hooks (prompt learners, PVL / bottleneck adapters) act inside the towers through the runner,
+    on the activations the decoder reads and on ``c``.
+
     Args:
-        backbone: CLIP tower architecture: ``{"text_config": {...}, "vision_config": {...},
-            "projection_dim": int}`` in transformers ``CLIPSegConfig`` terms.
+        backbone: CLIP tower architecture: a :class:`~vlsegkit.encoders.TransformersCLIPSpec` dict,
+            ``{"text_config": {...}, "vision_config": {...}, "projection_dim": int}`` in
+            transformers ``CLIPSegConfig`` terms.
         extract_layers: vision blocks (0-indexed) whose outputs feed the decoder, shallow to deep.
         reduce_dim: decoder width (16 / 64 in the CIDAS checkpoints).
         decoder_num_heads: decoder attention heads.
@@ -67,6 +78,8 @@ class CLIPSeg(VLSM):
         image_size: ``(H, W)`` (or one int) ``predict`` resizes to (352 for the CIDAS checkpoints).
         image_mean, image_std: normalisation used by ``predict`` (ImageNet statistics for CLIPSeg).
         freeze_backbone: freeze both towers (the CLIPSeg recipe: only the decoder trains).
+        hooks: hooks the model owns (trained with it, saved in its config and weights), e.g.
+            ``[PVLAdapters()]``; hooks given to ``forward`` act after them.
 
     Shapes: ``forward(pixel_values (B, 3, H, W), prompts)`` → ``logits (B, C, H, W)`` with C prompts
     per image; H and W must be multiples of the patch size.
@@ -88,36 +101,24 @@ class CLIPSeg(VLSM):
         image_mean: Sequence[float] = IMAGENET_MEAN,
         image_std: Sequence[float] = IMAGENET_STD,
         freeze_backbone: bool = True,
+        hooks: Sequence[TowerHook | dict] = (),
     ) -> None:
         super().__init__()
-        from transformers import CLIPSegModel
-
-        hf_config = _clip_backbone_config(backbone)
-        self._backbone = {
-            "text_config": {k: getattr(hf_config.text_config, k) for k in _TEXT_KEYS},
-            "vision_config": {k: getattr(hf_config.vision_config, k) for k in _VISION_KEYS},
-            "projection_dim": hf_config.projection_dim,
-        }
-        clip = CLIPSegModel(hf_config)
-        self.vision_tower, self.text_tower = from_clip_model(clip)
-        # Map transformers names (``clip.*``) onto ours by tensor identity, for checkpoint conversion.
-        ours = {id(t): n for n, t in self.named_parameters()}
-        ours.update({id(t): n for n, t in self.named_buffers()})
+        spec = _backbone_spec(backbone)
+        self._set_config_arg(backbone=spec.to_dict())
+        towers = create_towers(spec)
+        self.vision_tower, self.text_tower = towers.vision, towers.text
+        # transformers names (``clip.*``) -> ours, for checkpoint conversion
         self._foreign_keys = {
-            f"clip.{n}": ours[id(t)]
-            for n, t in (*clip.named_parameters(), *clip.named_buffers())
-            if id(t) in ours
+            f"clip.{upstream}": _TOWER_ATTR[ours.split(".", 1)[0]] + "." + ours.split(".", 1)[1]
+            for upstream, ours in towers.upstream_keys.items()
         }
-        del clip
-
         layers = tuple(int(i) for i in extract_layers)
-        if not layers or any(not 0 <= i < self.vision_tower.num_layers for i in layers):
-            raise ValueError(
-                f"extract_layers must be indices in [0, {self.vision_tower.num_layers}), got {layers}"
-            )
-        if list(layers) != sorted(layers):
-            raise ValueError(f"extract_layers must be increasing, got {layers}")
-        self.extract_layers = layers
+        if not layers or list(layers) != sorted(layers):
+            raise ValueError(f"extract_layers must be non-empty and increasing, got {layers}")
+        self.extract_layers = check_layers(
+            layers, self.vision_tower.num_layers, name="extract_layers"
+        )
         self.decoder = FiLMDecoder(
             vision_width=self.vision_tower.width,
             cond_dim=self.vision_tower.embed_dim,
@@ -128,102 +129,83 @@ class CLIPSeg(VLSM):
             patch_size=self.vision_tower.patch_size,
             conditional_layer=conditional_layer,
             complex_upsampler=complex_upsampler,
-            eps=hf_config.vision_config.layer_norm_eps,
-        )
-        self._decoder_cfg = dict(
-            reduce_dim=reduce_dim,
-            decoder_num_heads=decoder_num_heads,
-            decoder_mlp_dim=decoder_mlp_dim,
-            conditional_layer=conditional_layer,
-            complex_upsampler=complex_upsampler,
+            eps=spec.layer_norm_eps,
         )
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.image_size = (int(size[0]), int(size[1]))
         self.image_mean = tuple(float(x) for x in image_mean)
         self.image_std = tuple(float(x) for x in image_std)
-        self.tokenizer = CLIPTokenizer.from_open_clip(context_length=self.text_tower.max_positions)
+        self.tokenizer = towers.make_tokenizer(self.text_tower.max_positions)
         #: Width of the decoder features ``forward(output_decoder_features=True)`` returns.
         self.decoder_feature_dim = reduce_dim
         #: Recompute tower block activations in backward instead of storing them (saves memory
-        #: when gradients flow through frozen towers to prompts); a runtime switch, not config.
+        #: when gradients flow through frozen towers to hooks); a runtime switch, not config.
         self.gradient_checkpointing = False
         if freeze_backbone:
             self.freeze_backbone()
+        self.hooks = self._bind_hooks(hooks)
 
-    # ------------------------------------------------------------------ config
-    @property
-    def config(self) -> dict[str, Any]:
-        return {
-            "backbone": self._backbone,
-            "extract_layers": list(self.extract_layers),
-            **self._decoder_cfg,
-            "image_size": list(self.image_size),
-            "image_mean": list(self.image_mean),
-            "image_std": list(self.image_std),
-            "freeze_backbone": not any(p.requires_grad for p in self.text_tower.parameters()),
-        }
-
-    def freeze_backbone(self, frozen: bool = True) -> CLIPSeg:
-        """Freeze (or unfreeze) both towers; the decoder stays trainable."""
-        self.vision_tower.requires_grad_(not frozen)
-        self.text_tower.requires_grad_(not frozen)
-        return self
+    def hook_slots(self) -> HookSlots:
+        """Towers, the decoder's kept vision blocks and the conditional-embedding width."""
+        return HookSlots(
+            towers={"vision": self.vision_tower, "text": self.text_tower},
+            kept={"vision": self.extract_layers},
+            depths={"vision": self.extract_layers[-1] + 1},
+            condition_dim=self.vision_tower.embed_dim,
+            tokenizer=self.tokenizer,
+        )
 
     # ------------------------------------------------------------------ conditions
+    def _tokenize(self, texts: list[str], hooks: Sequence[TowerHook]) -> tuple[Tensor, Tensor]:
+        reserve = sum(h.num_tokens("text") for h in hooks if "text" in h.towers)
+        batch = self.tokenizer(texts, reserve=reserve)
+        device = self.decoder.film_mul.weight.device
+        return batch.input_ids.to(device), batch.attention_mask.to(device)
+
     def encode_text(
         self,
         prompts: str | Sequence[str] | None = None,
         *,
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
-        context: Sequence[Tensor] | None = None,
+        hooks: Sequence[TowerHook] = (),
     ) -> Tensor:
         """Projected text embeddings ``(T, E)`` of prompts (strings) or token ids ``(T, L)``.
 
-        Args:
-            prompts: T strings (tokenised with room left for the context).
-            input_ids, attention_mask: pre-tokenised prompts ``(T, L)`` instead of strings.
-            context: per-depth learnable context ``[P_0, ..., P_{J-1}]``, each ``(n, D)`` or
-                ``(T, n, D)``: ``P_0`` is inserted after BOS, ``P_i`` replaces the context slots
-                before text block ``i`` (see :mod:`vlsegkit.prompts`).
+        The model's own hooks and ``hooks`` that act on the text tower (text contexts) apply; hooks
+        that need image features or paired rows do not fit here.
         """
-        context = list(context or ())
-        num_context = context[0].shape[-2] if context else 0
+        hooks = self._run_hooks(hooks)
         if input_ids is None:
-            if isinstance(prompts, str):
-                prompts = [prompts]
-            batch = self.tokenizer(list(prompts), reserve=num_context)
-            input_ids, attention_mask = batch.input_ids, batch.attention_mask
-        device = self.decoder.film_mul.weight.device
-        input_ids = input_ids.to(device)
-        attention_mask = None if attention_mask is None else attention_mask.to(device)
-        with torch.set_grad_enabled(_needs_grad(self.text_tower, *context)):
-            state = self.text_tower.embed(
-                input_ids, attention_mask, context=context[0] if context else None
-            )
-            state = self._run_blocks(self.text_tower, state, context)
-            return self.text_tower.pool(state)
+            texts = [prompts] if isinstance(prompts, str) else list(prompts or ())
+            if not texts or not all(isinstance(t, str) for t in texts):
+                raise ValueError("prompts must be a string or a non-empty list of strings")
+            input_ids, attention_mask = self._tokenize(texts, hooks)
+        return self._encode_rows(input_ids, attention_mask, hooks, RunContext())[0]
 
     def encode_image(self, pixel_values: Tensor) -> Tensor:
-        """Projected image embeddings ``(B, E)`` (support-image conditioning)."""
-        with torch.set_grad_enabled(_needs_grad(self.vision_tower, pixel_values)):
-            return self.vision_tower(pixel_values).pooled
+        """Projected image embeddings ``(B, E)`` (support-image conditioning; no hooks)."""
+        return self.vision_tower(check_pixels(pixel_values)).pooled
 
-    def _conditions(
-        self,
-        batch_size: int,
-        prompts,
-        input_ids,
-        attention_mask,
-        conditional_pixel_values,
-        conditional_embeddings,
-        context: Sequence[Tensor] | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Condition rows ``(T, E)`` and the ``(B, C)`` index of the row each output channel uses.
+    def _encode_rows(
+        self, ids: Tensor, mask: Tensor | None, hooks: Sequence[TowerHook], ctx: RunContext
+    ) -> tuple[Tensor, RunContext]:
+        """Pooled text rows ``(R, E)`` with the text hooks (keeping what hooks ask for)."""
+        state = embed_tower("text", self.text_tower, ids, mask, hooks=hooks, ctx=ctx)
+        keep = _hook_keeps(hooks, "text")
+        run = run_towers(
+            {"text": self.text_tower},
+            {"text": state},
+            hooks=hooks,
+            ctx=ctx,
+            keep={"text": keep} if keep else None,
+            gradient_checkpointing=self.gradient_checkpointing,
+        )
+        return self.text_tower.pool(run.states["text"]), ctx
 
-        ``context`` (per-depth learnable text context, see ``encode_text``) applies to text
-        conditions only; a per-image context ``(B, n, D)`` gives one row per (image, prompt) pair.
-        """
+    def _condition_source(
+        self, prompts, input_ids, conditional_pixel_values, conditional_embeddings
+    ) -> str:
         given = [
             name
             for name, v in (
@@ -239,147 +221,26 @@ class CLIPSeg(VLSM):
                 "pass exactly one of prompts, input_ids, conditional_pixel_values or "
                 f"conditional_embeddings (got {given or 'none'})"
             )
-        b = batch_size
-        context = list(context or ())
-        if context and prompts is None and input_ids is None:
-            raise ValueError(
-                "a text context (prompt learner) needs text conditions: pass prompts or input_ids, "
-                "not conditional_pixel_values / conditional_embeddings"
-            )
-        if prompts is not None:
-            if isinstance(prompts, str):
-                return self._encode_rows([prompts], torch.zeros(b, 1, dtype=torch.long), context)
-            prompts = list(prompts)
-            if not prompts:
-                raise ValueError("prompts must not be an empty list")
-            if all(isinstance(p, str) for p in prompts):
-                return self._encode_rows(prompts, _pairing(b, len(prompts)), context)
-            if all(isinstance(p, (list, tuple)) for p in prompts):
-                counts = {len(p) for p in prompts}
-                if len(prompts) != b or len(counts) != 1 or 0 in counts:
-                    raise ValueError(
-                        f"nested prompts must be {b} lists (one per image) of the same non-zero "
-                        f"length, got lengths {[len(p) for p in prompts]}"
-                    )
-                c = counts.pop()
-                flat = [s for row in prompts for s in row]
-                if not all(isinstance(s, str) for s in flat):
-                    raise TypeError("prompts must be strings")
-                return self._encode_rows(flat, torch.arange(b * c).view(b, c), context)
-            raise TypeError("prompts must be a string, a list of strings or a list of lists")
-        if input_ids is not None:
-            if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be (T, L), got {tuple(input_ids.shape)}")
-            if attention_mask is not None and attention_mask.shape != input_ids.shape:
-                raise ValueError(
-                    f"attention_mask {tuple(attention_mask.shape)} must match input_ids "
-                    f"{tuple(input_ids.shape)}"
-                )
-            tokens = (input_ids, attention_mask)
-            return self._encode_rows(tokens, _pairing(b, input_ids.shape[0]), context)
-        if conditional_pixel_values is not None:
-            if conditional_pixel_values.dim() != 4:
-                raise ValueError(
-                    "conditional_pixel_values must be (T, 3, H, W), got "
-                    f"{tuple(conditional_pixel_values.shape)}"
-                )
-            emb = self.encode_image(conditional_pixel_values)
-            return emb, _pairing(b, emb.shape[0])
-        emb = conditional_embeddings
+        return given[0]
+
+    def _embedding_rows(self, emb: Any, batch: int) -> tuple[Tensor, Tensor]:
         e = self.decoder.cond_dim
-        if emb.dim() == 3 and emb.shape[0] == b and emb.shape[-1] == e:
+        if (
+            isinstance(emb, Tensor)
+            and emb.dim() == 3
+            and emb.shape[0] == batch
+            and emb.shape[-1] == e
+        ):
             c = emb.shape[1]
-            return emb.reshape(b * c, e), torch.arange(b * c).view(b, c)
-        if emb.dim() == 2 and emb.shape[-1] == e:
-            return emb, _pairing(b, emb.shape[0])
+            return emb.reshape(batch * c, e), torch.arange(batch * c).view(batch, c)
+        if isinstance(emb, Tensor) and emb.dim() == 2 and emb.shape[-1] == e and emb.shape[0] > 0:
+            return emb, _pairing(batch, emb.shape[0])
+        shape = tuple(emb.shape) if isinstance(emb, Tensor) else type(emb).__name__
         raise ValueError(
-            f"conditional_embeddings must be (B, {e}), (T, {e}) or (B={b}, C, {e}), "
-            f"got {tuple(emb.shape)}"
+            f"conditional_embeddings must be (B, {e}), (T, {e}) or (B={batch}, C, {e}), got {shape}"
         )
-
-    def _encode_rows(self, texts, index: Tensor, context: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Encode T texts (strings, or ``(input_ids, attention_mask)``) for the ``(B, C)`` index.
-
-        A shared context (or none) encodes the T texts once; a per-image context ``(B, n, D)``
-        encodes every (image, prompt) pair with that image's context (CoCoOp).
-        """
-        per_image = bool(context) and context[0].dim() == 3
-        if not per_image:
-            if isinstance(texts, tuple):
-                ids, mask = texts
-                return self.encode_text(input_ids=ids, attention_mask=mask, context=context), index
-            return self.encode_text(texts, context=context), index
-        b, c = index.shape
-        for depth, ctx in enumerate(context):
-            if ctx.shape[0] != b:
-                raise ValueError(
-                    f"per-image context at depth {depth} must have shape (B={b}, n, D), "
-                    f"got {tuple(ctx.shape)}"
-                )
-        if isinstance(texts, tuple):
-            ids, mask = texts
-        else:
-            batch = self.tokenizer(list(texts), reserve=context[0].shape[-2])
-            ids, mask = batch.input_ids, batch.attention_mask
-        rows = index.reshape(-1).to(ids.device)
-        image = torch.arange(b, device=context[0].device).repeat_interleave(c)
-        emb = self.encode_text(
-            input_ids=ids[rows],
-            attention_mask=None if mask is None else mask[rows],
-            context=[ctx[image] for ctx in context],
-        )
-        return emb, torch.arange(b * c).view(b, c)
 
     # ------------------------------------------------------------------ forward
-    def _run_blocks(
-        self, tower, state, prompts: Sequence[Tensor] = (), *, start: int = 0, stop=None, keep=()
-    ):
-        """Blocks ``start .. stop - 1`` with deep-prompt replacement; also returns kept states."""
-        from ..prompts.base import deep_prompt_hook, step_block
-
-        hook = deep_prompt_hook(prompts)
-        stop = tower.num_layers if stop is None else stop
-        kept = []
-        for i in range(start, stop):
-            state = hook(i, state)
-            state = step_block(tower, i, state, gradient_checkpointing=self.gradient_checkpointing)
-            if i in keep:
-                kept.append(state.tokens)
-        return (state, kept) if keep else state
-
-    def vision_activations(self, pixel_values: Tensor, *, prompts: Sequence[Tensor] | None = None):
-        """Run the vision tower up to the deepest extracted block.
-
-        Args:
-            pixel_values: ``(B, 3, H, W)``.
-            prompts: optional per-depth vision prompts ``[P_0, ..., P_{J-1}]``, each ``(n, D)`` or
-                ``(B, n, D)``: ``P_0`` is inserted at embedding time, ``P_i`` replaces the prompt
-                slots before block ``i`` (VPT-deep).
-
-        Returns:
-            The list of extracted ``(B, N, D)`` hidden states (shallow to deep; prompt slots
-            included) and the final state.
-        """
-        if pixel_values.dim() != 4:
-            raise ValueError(f"pixel_values must be (B, 3, H, W), got {tuple(pixel_values.shape)}")
-        prompts = list(prompts or ())
-        with torch.set_grad_enabled(_needs_grad(self.vision_tower, pixel_values, *prompts)):
-            state = self.vision_tower.embed(pixel_values, prompts=prompts[0] if prompts else None)
-            state, acts = self._run_blocks(
-                self.vision_tower,
-                state,
-                prompts,
-                stop=self.extract_layers[-1] + 1,
-                keep=set(self.extract_layers),
-            )
-        return acts, state
-
-    def _image_features(self, state) -> Tensor:
-        """Pooled image embedding ``(B, E)``: finish the vision pass from ``vision_activations``."""
-        with torch.set_grad_enabled(_needs_grad(self.vision_tower, state.tokens)):
-            state = self._run_blocks(self.vision_tower, state, start=self.extract_layers[-1] + 1)
-            return self.vision_tower.pool(state)
-
     def forward(
         self,
         pixel_values: Tensor,
@@ -389,9 +250,9 @@ class CLIPSeg(VLSM):
         attention_mask: Tensor | None = None,
         conditional_pixel_values: Tensor | None = None,
         conditional_embeddings: Tensor | None = None,
-        prompter: Callable[..., Any] | None = None,
+        hooks: Sequence[TowerHook] = (),
         output_decoder_features: bool = False,
-    ) -> SegmentationOutput:
+    ) -> CLIPSegOutput:
         """Segment ``pixel_values`` under one or more conditions.
 
         Exactly one condition source is given. How conditions pair with images (B images):
@@ -407,113 +268,125 @@ class CLIPSeg(VLSM):
             prompts: text prompts (see above); the empty string is a valid prompt.
             input_ids, attention_mask: pre-tokenised prompts ``(T, L)``.
             conditional_pixel_values: support images ``(T, 3, H', W')``.
-            conditional_embeddings: ``(T, E)`` or ``(B, C, E)`` condition vectors.
-            prompter: a context learner (:mod:`vlsegkit.prompts`): called as ``prompter()`` -- or
-                ``prompter(image_features (B, E))`` when ``prompter.needs_image_features`` -- it
-                returns per-depth ``text`` / ``vision`` prompts that enter the towers (shared text
-                context before every prompt's class words; vision prompts removed before the
-                decoder unless ``decoder_sees_prompts``).
+            conditional_embeddings: ``(T, E)`` or ``(B, C, E)`` condition vectors, used as given.
+            hooks: :class:`~vlsegkit.encoders.TowerHook` s bound to this model (e.g. a prompt
+                learner's), applied after the model's own.
             output_decoder_features: also return the decoder's penultimate feature map (the input of
-                its final upsampler) as ``extras["decoder_features"]`` ``(B, C, reduce_dim, h, w)``.
+                its final upsampler) as ``decoder_features`` ``(B, C, reduce_dim, h, w)``.
 
         Returns:
-            :class:`SegmentationOutput` with ``logits (B, C, H, W)`` and
+            :class:`~vlsegkit.models.CLIPSegOutput` with ``logits (B, C, H, W)`` and
             ``conditional_embeddings (B, C, E)``.
         """
-        b = pixel_values.shape[0] if pixel_values.dim() == 4 else -1
-        needs_features = bool(getattr(prompter, "needs_image_features", False))
-        learned = prompter() if prompter is not None and not needs_features else None
-        acts, state = self.vision_activations(
-            pixel_values, prompts=None if learned is None else learned.vision
+        hooks = self._run_hooks(hooks)
+        pixel_values = check_pixels(pixel_values)
+        b = pixel_values.shape[0]
+        source = self._condition_source(
+            prompts, input_ids, conditional_pixel_values, conditional_embeddings
         )
-        if needs_features:
-            learned = prompter(self._image_features(state))
-            if learned.vision:
-                raise ValueError(
-                    "a prompter that needs image features cannot prompt the vision tower"
+        textual = source in ("prompts", "input_ids")
+        if not textual and any("text" in h.towers for h in hooks):
+            raise ValueError(
+                "hooks acting on the text tower need text conditions: pass prompts or input_ids, "
+                "not conditional_pixel_values / conditional_embeddings"
+            )
+        ctx = RunContext()
+        paired = textual and any(h.pairs_text_with_images or h.lockstep for h in hooks)
+        lockstep = textual and any(h.lockstep for h in hooks)
+        features = any(h.needs_image_features for h in hooks)
+        ids = mask = None
+        if textual:
+            if source == "prompts":
+                texts, index = parse_text_prompts(prompts, b)
+                ids, mask = self._tokenize(texts, hooks)
+            else:
+                ids, mask, index = check_token_rows(input_ids, attention_mask, b)
+                ids = ids.to(pixel_values.device)
+                mask = None if mask is None else mask.to(pixel_values.device)
+            if paired:
+                rows, images, index = pair_rows(index)
+                ids, mask = (
+                    ids[rows.to(ids.device)],
+                    None if mask is None else mask[rows.to(ids.device)],
                 )
-        content_start = state.content_start
-        if learned is not None and learned.vision and not learned.decoder_sees_prompts:
-            # the decoder reads CLS + the patch grid, exactly as without prompts
-            acts = [torch.cat([a[:, : state.num_prefix], a[:, content_start:]], 1) for a in acts]
-            content_start = state.num_prefix
-        cond, index = self._conditions(
-            b,
-            prompts,
-            input_ids,
-            attention_mask,
-            conditional_pixel_values,
-            conditional_embeddings,
-            context=None if learned is None else learned.text,
-        )
+                ctx.text_image_index = images.to(pixel_values.device)
+        elif source == "conditional_pixel_values":
+            cond = self.encode_image(conditional_pixel_values)
+            index = _pairing(b, cond.shape[0])
+        else:
+            cond, index = self._embedding_rows(conditional_embeddings, b)
+
+        vision = embed_tower("vision", self.vision_tower, pixel_values, hooks=hooks, ctx=ctx)
+        keep = sorted({*self.extract_layers, *_hook_keeps(hooks, "vision")})
+        stop = None if features else max(keep) + 1
+        if lockstep:
+            vision = vision.take(ctx.text_image_index)
+            text = embed_tower("text", self.text_tower, ids, mask, hooks=hooks, ctx=ctx)
+            text_keep = _hook_keeps(hooks, "text")
+            run = run_towers(
+                {"vision": self.vision_tower, "text": self.text_tower},
+                {"vision": vision, "text": text},
+                hooks=hooks,
+                ctx=ctx,
+                stop={"vision": stop} if stop is not None else None,
+                keep={"vision": keep, **({"text": text_keep} if text_keep else {})},
+                gradient_checkpointing=self.gradient_checkpointing,
+            )
+            cond = self.text_tower.pool(run.states["text"])
+        else:
+            run = run_towers(
+                {"vision": self.vision_tower},
+                {"vision": vision},
+                hooks=hooks,
+                ctx=ctx,
+                stop=stop,
+                keep={"vision": keep},
+                gradient_checkpointing=self.gradient_checkpointing,
+            )
+            if features:
+                ctx.image_features = self.vision_tower.pool(run.states["vision"])
+            if textual:
+                cond, _ = self._encode_rows(ids, mask, hooks, ctx)
+        if source != "conditional_embeddings":
+            for hook in hooks:
+                cond = hook.condition(cond, ctx)
+        acts = [run.kept["vision"][i] for i in self.extract_layers]
         c = index.shape[1]
         rows = cond[index.reshape(-1).to(cond.device)]
-        if c > 1:
-            acts = [a.repeat_interleave(c, dim=0) for a in acts]
+        tokens = [a.tokens for a in acts]
+        if not lockstep and c > 1:
+            tokens = [t.repeat_interleave(c, dim=0) for t in tokens]
+        starts = {a.content_start for a in acts}
+        if len(starts) != 1:
+            raise ValueError(
+                f"the kept vision activations have different prompt layouts ({sorted(starts)}); "
+                "hooks must present every kept block alike"
+            )
+        logits, features_map = self._decode(
+            tokens, rows.to(tokens[0].dtype), acts[0], output_decoder_features
+        )
+        h, w = logits.shape[-2:]
+        return CLIPSegOutput(
+            logits=logits.view(b, c, h, w),
+            conditional_embeddings=rows.view(b, c, -1),
+            decoder_features=None
+            if features_map is None
+            else features_map.view(b, c, *features_map.shape[1:]),
+        )
+
+    def _decode(self, tokens, cond, state, output_features: bool):
         captured: list[Tensor] = []
         handle = None
-        if output_decoder_features:
+        if output_features:
             handle = self.decoder.transposed_convolution.register_forward_pre_hook(
                 lambda _module, args: captured.append(args[0])
             )
         try:
-            logits = self.decoder(
-                acts, rows.to(acts[0].dtype), grid=state.grid, content_start=content_start
-            )
+            logits = self.decoder(tokens, cond, grid=state.grid, content_start=state.content_start)
         finally:
             if handle is not None:
                 handle.remove()
-        h, w = logits.shape[-2:]
-        extras = None
-        if output_decoder_features:
-            extras = {"decoder_features": captured[0].view(b, c, *captured[0].shape[1:])}
-        return SegmentationOutput(
-            logits=logits.view(b, c, h, w),
-            conditional_embeddings=rows.view(b, c, -1),
-            extras=extras,
-        )
-
-    @torch.no_grad()
-    def predict(
-        self,
-        images: ImageInput | Sequence[ImageInput],
-        prompts: str | Sequence[str],
-        *,
-        batch_size: int = 8,
-    ) -> Tensor | list[Tensor]:
-        """Probabilities for every prompt, at each image's original size.
-
-        Args:
-            images: one image or a list (PIL, numpy ``(H, W[, 3])``, tensors ``(3, H, W)``), any size.
-            prompts: one prompt or a list of C prompts, applied to every image.
-            batch_size: images per forward pass.
-
-        Returns:
-            ``(C, H, W)`` probabilities for a single image, or a list of them for a list of images.
-        """
-        single = not isinstance(images, (list, tuple)) and not (
-            isinstance(images, Tensor) and images.dim() == 4
-        )
-        items = [images] if single else list(images)
-        prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompt_list:
-            raise ValueError("predict() needs at least one prompt")
-        was_training = self.training
-        self.eval()
-        cond = self.encode_text(prompt_list)
-        out: list[Tensor] = []
-        for start in range(0, len(items), batch_size):
-            pixels, sizes = self.preprocess(items[start : start + batch_size])
-            emb = cond[None].expand(pixels.shape[0], -1, -1)
-            probs = self(pixels, conditional_embeddings=emb).logits.sigmoid()
-            for p, size in zip(probs, sizes):
-                out.append(
-                    torch.nn.functional.interpolate(
-                        p[None], size=size, mode="bilinear", align_corners=False
-                    )[0].cpu()
-                )
-        self.train(was_training)
-        return out[0] if single else out
+        return logits, (captured[0] if captured else None)
 
     # ------------------------------------------------------------------ upstream checkpoints
     @classmethod
@@ -523,25 +396,20 @@ class CLIPSeg(VLSM):
     @classmethod
     def _from_foreign(cls, id_or_path, config: dict[str, Any], **hub_kwargs) -> CLIPSeg:
         """Build from a transformers ``CLIPSegForImageSegmentation`` folder / repo and convert its weights."""
-        from transformers import CLIPSegConfig
-
-        hf = CLIPSegConfig.from_dict(config)
         kwargs: dict[str, Any] = {}
         pre = resolve_file(id_or_path, "preprocessor_config.json", required=False, **hub_kwargs)
         if pre is not None:
             kwargs.update(_preprocessing_from_hf(read_json(pre)))
+        spec = TransformersCLIPSpec.from_hf_config(config)
+        # decoder fields of transformers' CLIPSegConfig, with its defaults
         model = cls(
-            backbone={
-                "text_config": hf.text_config.to_dict(),
-                "vision_config": hf.vision_config.to_dict(),
-                "projection_dim": hf.projection_dim,
-            },
-            extract_layers=tuple(hf.extract_layers),
-            reduce_dim=hf.reduce_dim,
-            decoder_num_heads=hf.decoder_num_attention_heads,
-            decoder_mlp_dim=hf.decoder_intermediate_size,
-            conditional_layer=hf.conditional_layer,
-            complex_upsampler=hf.use_complex_transposed_convolution,
+            backbone=spec.to_dict(),
+            extract_layers=tuple(config.get("extract_layers", (3, 6, 9))),
+            reduce_dim=int(config.get("reduce_dim", 64)),
+            decoder_num_heads=int(config.get("decoder_num_attention_heads", 4)),
+            decoder_mlp_dim=int(config.get("decoder_intermediate_size", 2048)),
+            conditional_layer=int(config.get("conditional_layer", 0)),
+            complex_upsampler=bool(config.get("use_complex_transposed_convolution", False)),
             **kwargs,
         )
         state, source = cls._load_weights_file(id_or_path, **hub_kwargs)
@@ -559,15 +427,16 @@ class CLIPSeg(VLSM):
         for key, value in state.items():
             if key.endswith(_IGNORED_FOREIGN_SUFFIXES):
                 continue
-            if key in self._foreign_keys:
-                out[self._foreign_keys[key]] = value
-            else:
-                out[key] = value
+            out[self._foreign_keys.get(key, key)] = value
         if not any(k.startswith("decoder.") for k in out):
             raise CheckpointError(
                 "this transformers CLIPSeg checkpoint has no decoder weights (decoder.*)"
             )
         return out
+
+
+def _hook_keeps(hooks: Sequence[TowerHook], tower: str) -> list[int]:
+    return sorted({i for h in hooks if tower in h.towers for i in h.keep_layers(tower)})
 
 
 def _preprocessing_from_hf(pre: dict[str, Any]) -> dict[str, Any]:
@@ -606,7 +475,7 @@ def _clip_b16(**vision_overrides) -> dict[str, Any]:
 def _tiny_backbone() -> dict[str, Any]:
     return {
         "text_config": dict(
-            vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
             num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
             layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0, eos_token_id=2,
         ),

@@ -1,17 +1,17 @@
 """Prompt tuning for frozen vision-language segmentation models (TuneVLSeg's context learners).
 
 Adhikari et al., "TuneVLSeg: Prompt Tuning Benchmark for Vision-Language Segmentation Models"
-(ACCV 2024). Every learner is a hook on the steppable towers (:mod:`vlsegkit.encoders`), so one
-implementation serves CLIP text towers (EOS pooling), BERT text towers (CLS pooling) and ViT vision
-towers:
+(ACCV 2024). Every learner is a :class:`~vlsegkit.encoders.TowerHook`, so one implementation serves
+CLIP text towers (EOS pooling), BERT text towers (CLS pooling) and ViT vision towers, on every model
+with hook slots (CLIPSeg, MedCLIPSeg):
 
 - textual: :class:`CoOp` (deep), :class:`CoCoOp` (image-conditioned);
 - visual: :class:`VPT` (shallow / deep);
 - multimodal: :class:`MaPLe`, :class:`SharedSeparate`, :class:`SharedAttention`;
 - :class:`LearnableUpsampler`: residual 5x5 conv head on the decoder's penultimate features;
-- :class:`TunedModel`: ``learner.attach(model)`` freezes the model and trains only the learner
-  (+ upsampler); ``save_pretrained`` stores only those weights plus the base's id, revision and
-  fingerprint; :func:`load_tuned` / ``TunedModel.from_pretrained`` restore the whole tuned model.
+- ``learner.attach(model)`` freezes the model and trains only the learner (+ upsampler), as a
+  :class:`~vlsegkit.TunedModel` whose ``save_pretrained`` stores only those weights plus the base's
+  id, revision and fingerprint.
 
 Example:
     >>> from vlsegkit import VLSM
@@ -21,19 +21,12 @@ Example:
     >>> tuned(pixel_values, ["polyp", "tumor"]).logits.shape      # (B, 2, H, W)
 """
 
-from .base import (
-    ContextLearner,
-    PromptSet,
-    deep_prompt_hook,
-    learner_from_config,
-    prompted_forward,
-    step_block,
-)
+from ..layers.upsampler import LearnableUpsampler
+from ..models.tuned import TunedModel, base_fingerprint, load_tuned
+from .base import ContextLearner, DecoderPrompts, PromptSet
 from .multimodal import MaPLe, PromptTransformerLayer, SharedAttention, SharedSeparate
 from .projector import PromptProjector
 from .text import CoCoOp, CoOp
-from .tuned import TunedModel, base_fingerprint, load_tuned
-from .upsampler import LearnableUpsampler
 from .visual import VPT
 
 __all__ = [
@@ -41,6 +34,7 @@ __all__ = [
     "CoCoOp",
     "CoOp",
     "ContextLearner",
+    "DecoderPrompts",
     "LearnableUpsampler",
     "MaPLe",
     "PromptProjector",
@@ -50,9 +44,5 @@ __all__ = [
     "SharedSeparate",
     "TunedModel",
     "base_fingerprint",
-    "deep_prompt_hook",
-    "learner_from_config",
     "load_tuned",
-    "prompted_forward",
-    "step_block",
 ]

@@ -1,13 +1,14 @@
-"""Context learners as hooks on steppable towers: the shared protocol and helpers.
+"""Context learners as tower hooks: the shared protocol and helpers.
 
 A context learner owns learnable prompt tokens for one or both towers and, for every forward pass,
 produces a :class:`PromptSet`: for each prompted tower a list ``[P_0, P_1, ..., P_{J-1}]`` of per-depth
-prompts (J = prompt depth). The deep-prompt rule of TuneVLSeg (Adhikari et al., ACCV 2024, eq. 5-8;
-after VPT-deep, Jia et al. 2022, and MaPLe, Khattak et al. 2023) is then the same for every tower::
+prompts (J = prompt depth). As a :class:`~vlsegkit.encoders.TowerHook` it applies the deep-prompt rule
+of TuneVLSeg (Adhikari et al., ACCV 2024, eq. 5-8; after VPT-deep, Jia et al. 2022, and MaPLe, Khattak
+et al. 2023) to every tower it prompts, through the one runner::
 
-    state = tower.embed(inputs, prompts / context = P_0)      # B prompt slots inserted
+    state = tower.embed(inputs, prompts / context = P_0)      # hook.embed: B prompt slots inserted
     for i in range(num_layers):
-        if 1 <= i < J: state = state.set_prompts(P_i)          # slots replaced: outputs discarded
+        if 1 <= i < J: state = state.set_prompts(P_i)          # hook(i, ...): outputs discarded
         state = tower.block(i, state)                          # i >= J: slots carried
     pooled = tower.pool(state)
 
@@ -17,34 +18,30 @@ vision prompts carry no position embedding and attention over them is unmasked, 
 sequence does not change any CLS / patch output -- TuneVLSeg's "append after the patches" and VPT's
 "after CLS" are the same computation.
 
-Models take a learner through a ``prompter=`` argument of their ``forward`` (see
-:class:`vlsegkit.CLIPSeg`): they call ``prompter(image_features)`` (features only when
-``prompter.needs_image_features``) and run their towers with the returned prompts.
+What a decoder reads at the kept vision blocks is the learner's choice (``decoder_sees_prompts``):
+the prompt slots removed (default), the blocks' outputs at the slots, or -- as TuneVLSeg's released
+CLIPSeg code does, which overwrites the slots *before* storing each hidden state -- the next depth's
+fresh prompts for every kept block below depth J (``"released"``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from ..encoders.base import Hook, TokenState, Tower, TowerOutput
+from ..encoders.base import TokenState, Tower
+from ..encoders.hooks import HookSlots, RunContext, TowerHook
 
-__all__ = [
-    "ContextLearner",
-    "PromptSet",
-    "deep_prompt_hook",
-    "learner_from_config",
-    "prompted_forward",
-    "step_block",
-]
+__all__ = ["ContextLearner", "DecoderPrompts", "PromptSet"]
 
-_LEARNERS: dict[str, type[ContextLearner]] = {}
 _DIM_KEYS = ("text_width", "text_layers", "vision_width", "vision_layers", "image_dim")
+
+#: What the decoder reads in the prompt slots of kept vision blocks (see the module docstring).
+DecoderPrompts = bool | Literal["released"]
 
 
 @dataclass(frozen=True)
@@ -57,94 +54,20 @@ class PromptSet:
             prompted.
         vision: per-depth vision prompts, each ``(n, D_v)``; None when the vision tower is not
             prompted.
-        decoder_sees_prompts: hand the vision prompt tokens to the decoder along with CLS and patches
-            (TuneVLSeg's released CLIPSeg code) instead of removing them first (the default).
     """
 
     text: list[Tensor] | None = None
     vision: list[Tensor] | None = None
-    decoder_sees_prompts: bool = False
 
     def tensors(self) -> list[Tensor]:
-        """Every prompt tensor (to decide whether a frozen tower must record its graph)."""
+        """Every prompt tensor."""
         return [*(self.text or ()), *(self.vision or ())]
 
 
-def deep_prompt_hook(prompts: Sequence[Tensor] | None) -> Hook:
-    """Hook replacing the prompt slots with ``prompts[i]`` before block ``i`` for ``1 <= i < J``.
-
-    ``prompts[0]`` is inserted by ``Tower.embed``; blocks ``i >= J = len(prompts)`` carry the slots
-    forward like ordinary tokens (TuneVLSeg eq. 5-6 / 7-8).
-
-    Args:
-        prompts: ``J`` tensors ``(n, D)`` or ``(B, n, D)``; None or empty gives the identity hook.
-
-    Returns:
-        ``hook(i, state) -> state``.
-    """
-    deep = list(prompts or ())
-
-    def hook(i: int, state: TokenState) -> TokenState:
-        if 1 <= i < len(deep):
-            return state.set_prompts(deep[i])
-        return state
-
-    return hook
-
-
-def step_block(
-    tower: Tower, i: int, state: TokenState, *, gradient_checkpointing: bool = False
-) -> TokenState:
-    """``tower.block(i, state)``, optionally recomputing its activations in the backward pass.
-
-    With ``gradient_checkpointing`` (and autograd recording a graph through the tokens), the block's
-    intermediate activations are not stored; they are recomputed during backward
-    (``torch.utils.checkpoint``, non-reentrant). This trades one extra block forward for the memory of
-    its activations -- useful when gradients must flow through frozen blocks to prompts.
-    """
-    if gradient_checkpointing and torch.is_grad_enabled() and state.tokens.requires_grad:
-
-        def run(tokens: Tensor) -> Tensor:
-            return tower.block(i, state.with_tokens(tokens)).tokens
-
-        return state.with_tokens(checkpoint(run, state.tokens, use_reentrant=False))
-    return tower.block(i, state)
-
-
-def prompted_forward(
-    tower: Tower,
-    *inputs: Any,
-    prompts: Sequence[Tensor] | None = None,
-    output_hidden_states: bool = False,
-    gradient_checkpointing: bool = False,
-    **embed_kwargs: Any,
-) -> TowerOutput:
-    """Run a tower with per-depth prompts: embed with ``P_0``, replace slots below depth J, pool.
-
-    Args:
-        tower: any steppable :class:`~vlsegkit.encoders.Tower`.
-        *inputs: what ``tower.embed`` takes (``input_ids[, attention_mask]`` or ``pixel_values``).
-        prompts: ``[P_0, ..., P_{J-1}]``, each ``(n, D)`` or ``(B, n, D)``; passed to ``embed`` as
-            ``context=`` (text towers) or ``prompts=`` (vision towers).
-        output_hidden_states: also return the ``num_layers + 1`` hidden states.
-        gradient_checkpointing: recompute block activations in backward (see :func:`step_block`).
-        **embed_kwargs: other keyword arguments of ``embed`` (e.g. ``attention_mask``).
-
-    Returns:
-        :class:`~vlsegkit.encoders.TowerOutput` (``pooled (B, E)``, final state, hidden states).
-    """
-    prompts = list(prompts or ())
-    if prompts:
-        key = "context" if tower.modality == "text" else "prompts"
-        embed_kwargs[key] = prompts[0]
-    state = tower.embed(*inputs, **embed_kwargs)
-    hook = deep_prompt_hook(prompts)
-    hidden = [state.tokens] if output_hidden_states else None
-    for i in range(tower.num_layers):
-        state = step_block(tower, i, hook(i, state), gradient_checkpointing=gradient_checkpointing)
-        if hidden is not None:
-            hidden.append(state.tokens)
-    return TowerOutput(pooled=tower.pool(state), state=state, hidden_states=hidden)
+def _check_decoder_prompts(value: Any) -> DecoderPrompts:
+    if value not in (True, False, "released"):
+        raise ValueError(f"decoder_sees_prompts must be True, False or 'released', got {value!r}")
+    return value
 
 
 def _token_embedding(tower: nn.Module) -> nn.Embedding:
@@ -166,15 +89,15 @@ def _token_embedding(tower: nn.Module) -> nn.Embedding:
     )
 
 
-class ContextLearner(nn.Module):
+class ContextLearner(TowerHook):
     """Base class of context learners (CoOp, CoCoOp, VPT, MaPLe, SharedSeparate, SharedAttention).
 
     A learner is built from the widths / depths of the towers it prompts. They can be given to the
-    constructor (``text_width=...``) or read from the towers by :meth:`bind`; parameters are created
-    once everything is known, so ``CoOp(depth=3).attach(model)`` is a complete recipe.
+    constructor (``text_width=...``) or read from a model's towers by :meth:`bind`; parameters are
+    created once everything is known, so ``CoOp(depth=3).attach(model)`` is a complete recipe.
 
-    Subclasses set ``modalities`` and ``required_dims`` and implement ``_build`` (create parameters)
-    and ``forward(image_features=None) -> PromptSet``.
+    Subclasses set ``towers`` and ``required_dims`` and implement ``_build`` (create parameters)
+    and ``_prompts(image_features) -> PromptSet``.
 
     Args:
         num_context: prompt length ``B`` (tokens per depth); None: the number of tokens of ``init``
@@ -182,22 +105,20 @@ class ContextLearner(nn.Module):
         depth: prompt depth ``J`` (``1`` = shallow: prompts only at the input).
         init_std: standard deviation of the Gaussian initialisation ``N(0, init_std^2)``.
         init: phrase whose token embeddings initialise the first text context ``P_0`` (text-space
-            learners only), e.g. ``"a photo of a"``.
-        args: the subclass's own constructor arguments, recorded in ``config``.
+            learners only), e.g. ``"a photo of a"``. When the phrase has fewer tokens than
+            ``num_context``, it initialises the first ones and the rest stay Gaussian; more tokens
+            than ``num_context`` is an error.
+        decoder_sees_prompts: what the decoder reads in the prompt slots of kept vision blocks
+            (vision-prompting learners): False removes them (default), True keeps the blocks' outputs
+            there, ``"released"`` reproduces TuneVLSeg's released CLIPSeg code (the next depth's
+            prompts for kept blocks below depth J).
         text_width, text_layers, vision_width, vision_layers, image_dim: tower sizes (width ``D``,
             number of blocks, joint embedding width ``E`` of the vision tower).
     """
 
-    modalities: ClassVar[tuple[str, ...]] = ()
     required_dims: ClassVar[tuple[str, ...]] = ()
-    needs_image_features: ClassVar[bool] = False
     #: The first text context lives in token-embedding space and can start from a phrase.
     phrase_init: ClassVar[bool] = False
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if cls.modalities:
-            _LEARNERS[cls.__name__] = cls
 
     def __init__(
         self,
@@ -206,16 +127,18 @@ class ContextLearner(nn.Module):
         depth: int,
         init_std: float = 0.02,
         init: str | None = None,
-        args: dict[str, Any] | None = None,
+        decoder_sees_prompts: DecoderPrompts = False,
         **dims: int | None,
     ) -> None:
         super().__init__()
         unknown = set(dims) - set(_DIM_KEYS)
         if unknown:
             raise TypeError(f"unexpected arguments {sorted(unknown)}")
-        if not isinstance(depth, int) or depth < 1:
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth must be an int >= 1, got {depth!r}")
-        if num_context is not None and (not isinstance(num_context, int) or num_context < 0):
+        if num_context is not None and (
+            isinstance(num_context, bool) or not isinstance(num_context, int) or num_context < 0
+        ):
             raise ValueError(f"num_context must be an int >= 0 or None, got {num_context!r}")
         if init is not None and (not isinstance(init, str) or not init.strip()):
             raise ValueError(f"init must be a non-empty phrase or None, got {init!r}")
@@ -224,9 +147,9 @@ class ContextLearner(nn.Module):
         self.depth = depth
         self.init_std = float(init_std)
         self.init = init
+        self.decoder_sees_prompts = _check_decoder_prompts(decoder_sees_prompts)
         self.num_context = num_context if (num_context is not None or init) else 4
         self._dims: dict[str, int | None] = {k: dims.get(k) for k in self.required_dims}
-        self._args = dict(args or {})
         self._phrase_pending = init is not None
         self.built = False
         self._maybe_build()
@@ -258,6 +181,7 @@ class ContextLearner(nn.Module):
 
     def bind(
         self,
+        slots: HookSlots | None = None,
         *,
         text_tower: Tower | None = None,
         vision_tower: Tower | None = None,
@@ -267,6 +191,8 @@ class ContextLearner(nn.Module):
         """Read sizes from the towers, create the parameters and apply the phrase initialisation.
 
         Args:
+            slots: a model's :class:`~vlsegkit.encoders.HookSlots` (towers and tokenizer), or None
+                to give the parts below directly.
             text_tower: the text tower the learner will prompt (width, depth, token embeddings).
             vision_tower: the vision tower (width, depth, joint width for CoCoOp's image features).
             tokenizer: a vlsegkit tokenizer facade (``encode(text) -> ids`` without special tokens),
@@ -277,6 +203,10 @@ class ContextLearner(nn.Module):
             ``self``. Sizes given to the constructor must match the towers (``ValueError`` otherwise).
             Calling ``bind`` again never re-initialises trained parameters.
         """
+        if slots is not None:
+            text_tower = text_tower or slots.towers.get("text")
+            vision_tower = vision_tower or slots.towers.get("vision")
+            tokenizer = tokenizer if tokenizer is not None else slots.tokenizer
         found: dict[str, int] = {}
         if text_tower is not None:
             found.update(text_width=text_tower.width, text_layers=text_tower.num_layers)
@@ -323,18 +253,19 @@ class ContextLearner(nn.Module):
         return self
 
     def initialize_from_phrase_ids(self, ids: Sequence[int], token_embedding: nn.Embedding) -> None:
-        """Set the first text context ``P_0`` to the token embeddings of ``ids`` (CoOp init).
+        """Set the first tokens of ``P_0`` to the token embeddings of ``ids`` (CoOp init).
 
         Args:
-            ids: token ids of the phrase, without special tokens; their number must be ``num_context``.
+            ids: token ids of the phrase, without special tokens; at most ``num_context`` of them
+                (the remaining context tokens keep their Gaussian initialisation).
             token_embedding: the text tower's word-embedding table ``(vocab, D_t)``.
         """
         if not self.phrase_init:
             raise ValueError(f"{type(self).__name__} has no text-space context to initialise")
-        if len(ids) != self.num_context:
+        if len(ids) > self.num_context:
             raise ValueError(
                 f"init phrase {self.init!r} has {len(ids)} tokens but num_context="
-                f"{self.num_context}; pass num_context={len(ids)} or another phrase"
+                f"{self.num_context}; pass num_context >= {len(ids)}, a shorter phrase or init=None"
             )
         weight = token_embedding.weight
         if weight.shape[-1] != self._dims["text_width"]:
@@ -343,8 +274,9 @@ class ContextLearner(nn.Module):
                 f"{self._dims['text_width']}"
             )
         index = torch.as_tensor(list(ids), dtype=torch.long, device=weight.device)
+        first = self._first_text_context()
         with torch.no_grad():
-            self._first_text_context().copy_(weight[index].to(self._first_text_context()))
+            first[: len(ids)].copy_(weight[index].to(first))
         self._phrase_pending = False
 
     def _first_text_context(self) -> Tensor:  # pragma: no cover - text learners override
@@ -368,63 +300,101 @@ class ContextLearner(nn.Module):
                 "call bind(text_tower=..., tokenizer=...) or attach() it to a model"
             )
 
-    # ------------------------------------------------------------------ use
-    def forward(self, image_features: Tensor | None = None) -> PromptSet:  # pragma: no cover
+    # ------------------------------------------------------------------ prompts
+    def _prompts(self, image_features: Tensor | None) -> PromptSet:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def prompts(self, image_features: Tensor | None = None) -> PromptSet:
+        """This forward pass's per-depth prompts (see :class:`PromptSet`).
+
+        Args:
+            image_features: ``(B, E)`` pooled image embeddings (learners with
+                ``needs_image_features``; ignored by the others).
+        """
+        self._check_ready()
+        return self._prompts(image_features)
 
     def text_prompts(self, image_features: Tensor | None = None) -> list[Tensor] | None:
         """Per-depth text contexts ``[P_0 .. P_{J-1}]`` (see :class:`PromptSet`)."""
-        return self(image_features).text
+        return self.prompts(image_features).text
 
     def vision_prompts(self) -> list[Tensor] | None:
         """Per-depth vision prompts ``[P~_0 .. P~_{J-1}]``, each ``(n, D_v)``."""
-        return self().vision
+        return self.prompts().vision
 
-    @property
-    def config(self) -> dict[str, Any]:
-        """JSON-serialisable description that rebuilds the learner (``learner_from_config``)."""
-        args = {
-            **self._args,
-            "num_context": self.num_context,
-            "depth": self.depth,
-            "init_std": self.init_std,
-            **self._dims,
-        }
-        if self.phrase_init:
-            args["init"] = self.init
-        return {"name": type(self).__name__, "args": args}
+    def _deep(self, tower: str, ctx: RunContext) -> list[Tensor]:
+        """The per-depth prompts for ``tower`` in this forward pass (computed once, memoised)."""
+        key = (id(self), "prompts")
+        if key not in ctx.memo:
+            prompts = self.prompts(ctx.image_features if self.needs_image_features else None)
+            text = prompts.text
+            if text is not None and text[0].dim() == 3:
+                # one context per image: give every text row the context of its own image
+                if ctx.text_image_index is None:
+                    raise ValueError(
+                        f"{type(self).__name__} makes one text context per image, but this model "
+                        "call shares its text rows between images"
+                    )
+                rows = ctx.text_image_index.to(text[0].device)
+                text = [p[rows] for p in text]
+            ctx.memo[key] = {"text": text, "vision": prompts.vision}
+        deep = ctx.memo[key][tower]
+        if deep is None:  # pragma: no cover - guarded by ``towers``
+            raise ValueError(f"{type(self).__name__} has no {tower} prompts")
+        return deep
+
+    # ------------------------------------------------------------------ hook points
+    def layers(self, tower: str) -> Collection[int]:
+        return range(1, self.depth)
+
+    def num_tokens(self, tower: str) -> int:
+        return int(self.num_context or 0) if tower in self.towers else 0
+
+    def embed(self, tower: str, ctx: RunContext) -> dict[str, Any]:
+        key = "context" if tower == "text" else "prompts"
+        return {key: self._deep(tower, ctx)[0]}
+
+    def forward(
+        self, i: int, states: dict[str, TokenState], ctx: RunContext
+    ) -> dict[str, TokenState]:
+        """Replace the prompt slots of every prompted tower with this depth's prompts."""
+        return {name: s.set_prompts(self._deep(name, ctx)[i]) for name, s in states.items()}
+
+    def kept(self, tower: str, i: int, state: TokenState, ctx: RunContext) -> TokenState:
+        if tower != "vision" or state.num_prompts == 0:
+            return state
+        if self.decoder_sees_prompts == "released":
+            if i + 1 < self.depth:
+                return state.set_prompts(self._deep(tower, ctx)[i + 1])
+            return state
+        return state if self.decoder_sees_prompts else state.remove_prompts()
 
     def attach(self, model: nn.Module, **kwargs: Any):
-        """Freeze ``model`` and wrap it with this learner: ``CoOp(...).attach(model)``.
+        """Freeze ``model`` and tune it with this learner: ``CoOp(...).attach(model)``.
 
         Args:
-            model: a VLSM whose ``forward`` takes ``prompter=`` (e.g. :class:`vlsegkit.CLIPSeg`).
-            **kwargs: :class:`~vlsegkit.prompts.TunedModel` options (``upsampler``,
-                ``gradient_checkpointing``).
+            model: any model with hook slots (e.g. :class:`~vlsegkit.CLIPSeg`,
+                :class:`~vlsegkit.MedCLIPSeg`).
+            **kwargs: :class:`~vlsegkit.TunedModel` options; ``upsampler`` defaults to ``"auto"``
+                (TuneVLSeg's learnable upsampler when the model offers decoder features).
 
         Returns:
-            The :class:`~vlsegkit.prompts.TunedModel`; only the learner (and upsampler) train.
+            The :class:`~vlsegkit.TunedModel`; only the learner (and upsampler) train.
         """
-        from .tuned import TunedModel
+        kwargs.setdefault("upsampler", "auto")
+        return super().attach(model, **kwargs)
 
-        return TunedModel(model, self, **kwargs)
+    # ------------------------------------------------------------------ config
+    @property
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable description that rebuilds the learner
+        (:func:`vlsegkit.registry.hook_from_config`); tower sizes learned by ``bind`` included."""
+        args = {**self.config_args, "num_context": self.num_context, **self._dims}
+        return {"name": type(self).__name__, "args": args}
 
     def extra_repr(self) -> str:
         dims = ", ".join(f"{k}={v}" for k, v in self._dims.items())
         return f"num_context={self.num_context}, depth={self.depth}, {dims}"
-
-
-def learner_from_config(config: dict[str, Any]) -> ContextLearner:
-    """Rebuild a learner from ``learner.config`` (``{"name": "CoOp", "args": {...}}``)."""
-    if not isinstance(config, dict) or "name" not in config:
-        raise ValueError(f"learner config must be a dict with 'name' and 'args', got {config!r}")
-    # the learner modules register their classes on import
-    from . import multimodal, text, visual  # noqa: F401
-
-    cls = _LEARNERS.get(config["name"])
-    if cls is None:
-        raise ValueError(f"unknown learner {config['name']!r}; known: {sorted(_LEARNERS)}")
-    return cls(**config.get("args", {}))
 
 
 def _check_image_features(features: Tensor | None, dim: int, owner: str) -> Tensor:

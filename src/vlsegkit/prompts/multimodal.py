@@ -44,12 +44,13 @@ class MaPLe(ContextLearner):
             Table 4 ablation).
         init_std: std of the Gaussian initialisation.
         hidden_dim, low_rank, norm: coupling shape (see :class:`~vlsegkit.prompts.PromptProjector`).
-        decoder_sees_prompts: keep the vision prompts in the decoder input (released CLIPSeg code).
+        decoder_sees_prompts: what the decoder reads in the vision prompt slots (see
+            :class:`~vlsegkit.prompts.ContextLearner`; ``"released"`` for TuneVLSeg's code).
         text_width, text_layers, vision_width, vision_layers: tower sizes.
     """
 
     phrase_init = True
-    modalities = ("text", "vision")
+    towers = ("text", "vision")
     required_dims = ("text_width", "text_layers", "vision_width", "vision_layers")
 
     def __init__(
@@ -62,25 +63,19 @@ class MaPLe(ContextLearner):
         hidden_dim: int | None = None,
         low_rank: bool = False,
         norm: bool = True,
-        decoder_sees_prompts: bool = False,
+        decoder_sees_prompts: bool | str = False,
         text_width: int | None = None,
         text_layers: int | None = None,
         vision_width: int | None = None,
         vision_layers: int | None = None,
     ) -> None:
         self.hidden_dim, self.low_rank, self.norm = hidden_dim, low_rank, norm
-        self.decoder_sees_prompts = decoder_sees_prompts
         super().__init__(
             num_context=num_context,
             depth=depth,
             init=init,
             init_std=init_std,
-            args=dict(
-                hidden_dim=hidden_dim,
-                low_rank=low_rank,
-                norm=norm,
-                decoder_sees_prompts=decoder_sees_prompts,
-            ),
+            decoder_sees_prompts=decoder_sees_prompts,
             text_width=text_width,
             text_layers=text_layers,
             vision_width=vision_width,
@@ -100,12 +95,11 @@ class MaPLe(ContextLearner):
     def _first_text_context(self) -> Tensor:
         return self.context[0]
 
-    def forward(self, image_features: Tensor | None = None) -> PromptSet:
+    def _prompts(self, image_features: Tensor | None) -> PromptSet:
         """Per depth: text prompt ``P_i`` ``(n, D_t)`` and vision prompt ``g_i(P_i)`` ``(n, D_v)``."""
-        self._check_ready()
         text = list(self.context.unbind(0))
         vision = [g(p) for g, p in zip(self.couplings, text)]
-        return PromptSet(text=text, vision=vision, decoder_sees_prompts=self.decoder_sees_prompts)
+        return PromptSet(text=text, vision=vision)
 
 
 class SharedSeparate(ContextLearner):
@@ -122,11 +116,12 @@ class SharedSeparate(ContextLearner):
         shared_dim: ``H_u`` (TuneVLSeg searches {32, 64}).
         layernorm: LayerNorm after each projection (paper; False: released code).
         init_std: std of the Gaussian initialisation.
-        decoder_sees_prompts: keep the vision prompts in the decoder input (released CLIPSeg code).
+        decoder_sees_prompts: what the decoder reads in the vision prompt slots (see
+            :class:`~vlsegkit.prompts.ContextLearner`; ``"released"`` for TuneVLSeg's code).
         text_width, text_layers, vision_width, vision_layers: tower sizes.
     """
 
-    modalities = ("text", "vision")
+    towers = ("text", "vision")
     required_dims = ("text_width", "text_layers", "vision_width", "vision_layers")
 
     def __init__(
@@ -137,7 +132,7 @@ class SharedSeparate(ContextLearner):
         shared_dim: int = 64,
         layernorm: bool = True,
         init_std: float = 0.02,
-        decoder_sees_prompts: bool = False,
+        decoder_sees_prompts: bool | str = False,
         text_width: int | None = None,
         text_layers: int | None = None,
         vision_width: int | None = None,
@@ -146,16 +141,11 @@ class SharedSeparate(ContextLearner):
         if shared_dim < 1:
             raise ValueError(f"shared_dim must be >= 1, got {shared_dim}")
         self.shared_dim, self.layernorm = shared_dim, layernorm
-        self.decoder_sees_prompts = decoder_sees_prompts
         super().__init__(
             num_context=num_context,
             depth=depth,
             init_std=init_std,
-            args=dict(
-                shared_dim=shared_dim,
-                layernorm=layernorm,
-                decoder_sees_prompts=decoder_sees_prompts,
-            ),
+            decoder_sees_prompts=decoder_sees_prompts,
             text_width=text_width,
             text_layers=text_layers,
             vision_width=vision_width,
@@ -172,13 +162,12 @@ class SharedSeparate(ContextLearner):
         self.to_text = nn.ModuleList(self._projection(d_t) for _ in range(self.depth))
         self.to_vision = nn.ModuleList(self._projection(d_v) for _ in range(self.depth))
 
-    def forward(self, image_features: Tensor | None = None) -> PromptSet:
+    def _prompts(self, image_features: Tensor | None) -> PromptSet:
         """Per-depth text ``(n, D_t)`` and vision ``(n, D_v)`` prompts, ``n = num_context``."""
-        self._check_ready()
         unified = self.unified.unbind(0)
         text = [u_l(p) for u_l, p in zip(self.to_text, unified)]
         vision = [u_v(p) for u_v, p in zip(self.to_vision, unified)]
-        return PromptSet(text=text, vision=vision, decoder_sees_prompts=self.decoder_sees_prompts)
+        return PromptSet(text=text, vision=vision)
 
 
 class PromptTransformerLayer(nn.Module):
@@ -271,11 +260,12 @@ class SharedAttention(ContextLearner):
         norm_first: pre-norm ``U_i`` (TuneVLSeg searches both).
         mix_tokens: prompt tokens attend to each other (paper); False reproduces the released code.
         init_std: std of the Gaussian initialisation.
-        decoder_sees_prompts: keep the vision prompts in the decoder input (released CLIPSeg code).
+        decoder_sees_prompts: what the decoder reads in the vision prompt slots (see
+            :class:`~vlsegkit.prompts.ContextLearner`; ``"released"`` for TuneVLSeg's code).
         text_width, text_layers, vision_width, vision_layers: tower sizes.
     """
 
-    modalities = ("text", "vision")
+    towers = ("text", "vision")
     required_dims = ("text_width", "text_layers", "vision_width", "vision_layers")
 
     def __init__(
@@ -289,7 +279,7 @@ class SharedAttention(ContextLearner):
         norm_first: bool = False,
         mix_tokens: bool = True,
         init_std: float = 0.02,
-        decoder_sees_prompts: bool = False,
+        decoder_sees_prompts: bool | str = False,
         text_width: int | None = None,
         text_layers: int | None = None,
         vision_width: int | None = None,
@@ -297,19 +287,11 @@ class SharedAttention(ContextLearner):
     ) -> None:
         self.num_heads, self.mlp_dim, self.dropout = num_heads, mlp_dim, dropout
         self.norm_first, self.mix_tokens = norm_first, mix_tokens
-        self.decoder_sees_prompts = decoder_sees_prompts
         super().__init__(
             num_context=num_context,
             depth=depth,
             init_std=init_std,
-            args=dict(
-                num_heads=num_heads,
-                mlp_dim=mlp_dim,
-                dropout=dropout,
-                norm_first=norm_first,
-                mix_tokens=mix_tokens,
-                decoder_sees_prompts=decoder_sees_prompts,
-            ),
+            decoder_sees_prompts=decoder_sees_prompts,
             text_width=text_width,
             text_layers=text_layers,
             vision_width=vision_width,
@@ -331,13 +313,8 @@ class SharedAttention(ContextLearner):
             for _ in range(self.depth)
         )
 
-    def forward(self, image_features: Tensor | None = None) -> PromptSet:
+    def _prompts(self, image_features: Tensor | None) -> PromptSet:
         """Per-depth text ``(n, D_t)`` and vision ``(n, D_v)`` halves of ``U_i(P^_i)``."""
-        self._check_ready()
         d_t = self._dims["text_width"]
         mixed = [u(p) for u, p in zip(self.mixers, self.unified.unbind(0))]
-        return PromptSet(
-            text=[m[:, :d_t] for m in mixed],
-            vision=[m[:, d_t:] for m in mixed],
-            decoder_sees_prompts=self.decoder_sees_prompts,
-        )
+        return PromptSet(text=[m[:, :d_t] for m in mixed], vision=[m[:, d_t:] for m in mixed])

@@ -44,7 +44,7 @@ class CoOp(ContextLearner):
     """
 
     phrase_init = True
-    modalities = ("text",)
+    towers = ("text",)
     required_dims = ("text_width", "text_layers")
 
     def __init__(
@@ -72,9 +72,8 @@ class CoOp(ContextLearner):
     def _first_text_context(self) -> Tensor:
         return self.context[0]
 
-    def forward(self, image_features: Tensor | None = None) -> PromptSet:
+    def _prompts(self, image_features: Tensor | None) -> PromptSet:
         """Per-depth contexts ``[P_0 .. P_{J-1}]``, each ``(num_context, D_t)``; features unused."""
-        self._check_ready()
         return PromptSet(text=list(self.context.unbind(0)))
 
 
@@ -97,11 +96,12 @@ class CoCoOp(CoOp):
         image_dim: width ``E`` of the image embedding (vision tower ``embed_dim``).
 
     Shapes:
-        ``forward(image_features (B, E))`` -> contexts ``(B, num_context, D_t)`` per depth.
+        ``prompts(image_features (B, E))`` -> contexts ``(B, num_context, D_t)`` per depth.
     """
 
     required_dims = ("text_width", "text_layers", "image_dim")
     needs_image_features = True
+    pairs_text_with_images = True
 
     def __init__(
         self,
@@ -126,12 +126,6 @@ class CoCoOp(CoOp):
             depth=depth,
             init=init,
             init_std=init_std,
-            args=dict(
-                hidden_dim=hidden_dim,
-                low_rank=low_rank,
-                norm=norm,
-                normalize_features=normalize_features,
-            ),
             text_width=text_width,
             text_layers=text_layers,
             image_dim=image_dim,
@@ -150,13 +144,12 @@ class CoCoOp(CoOp):
             for _ in range(self.depth)
         )
 
-    def forward(self, image_features: Tensor | None = None) -> PromptSet:
+    def _prompts(self, image_features: Tensor | None) -> PromptSet:
         """Per-image contexts ``P_i + h_i(f)``, each ``(B, num_context, D_t)``.
 
         Args:
             image_features: ``(B, E)`` pooled image embeddings.
         """
-        self._check_ready()
         f = _check_image_features(image_features, self._dims["image_dim"], "CoCoOp")
         f = f.to(self.context.dtype)
         if self.normalize_features:

@@ -19,7 +19,7 @@ __all__ = ["VPT"]
 class VPT(ContextLearner):
     """Deep visual prompts ``P~_i ∈ R^{B x D_v}``, ``i = 0 .. J-1``.
 
-    Stored as ``prompts (J, B, D_v)``, initialised ``N(0, init_std^2)`` (TuneVLSeg's code; VPT's
+    Stored as ``tokens (J, B, D_v)``, initialised ``N(0, init_std^2)`` (TuneVLSeg's code; VPT's
     original uses a Xavier-uniform bound). ``P~_0`` enters the vision tower at embedding time, before
     the pre-LayerNorm (TuneVLSeg: inserting after it was unstable); deeper prompts overwrite the
     slots before blocks ``1 .. J-1``.
@@ -29,12 +29,13 @@ class VPT(ContextLearner):
         depth: ``J``, ``1 <= J <= vision_layers`` (CLIPSeg runs its vision tower only up to the
             deepest extracted block, so deeper prompts there have no effect).
         init_std: std of the Gaussian initialisation.
-        decoder_sees_prompts: hand the prompt tokens to the decoder with CLS and patches, as
-            TuneVLSeg's released CLIPSeg code does (default: removed before the decoder).
+        decoder_sees_prompts: what the decoder reads in the prompt slots of kept blocks: removed
+            (False, default), the blocks' outputs (True), or the released CLIPSeg code's behaviour
+            (``"released"``: the next depth's prompts below depth J).
         vision_width, vision_layers: vision tower sizes (read by ``bind`` / ``attach`` when omitted).
     """
 
-    modalities = ("vision",)
+    towers = ("vision",)
     required_dims = ("vision_width", "vision_layers")
 
     def __init__(
@@ -43,26 +44,22 @@ class VPT(ContextLearner):
         num_context: int = 4,
         depth: int = 1,
         init_std: float = 0.02,
-        decoder_sees_prompts: bool = False,
+        decoder_sees_prompts: bool | str = False,
         vision_width: int | None = None,
         vision_layers: int | None = None,
     ) -> None:
-        self.decoder_sees_prompts = decoder_sees_prompts
         super().__init__(
             num_context=num_context,
             depth=depth,
             init_std=init_std,
-            args=dict(decoder_sees_prompts=decoder_sees_prompts),
+            decoder_sees_prompts=decoder_sees_prompts,
             vision_width=vision_width,
             vision_layers=vision_layers,
         )
 
     def _build(self) -> None:
-        self.prompts = self._normal(self.depth, self.num_context, self._dims["vision_width"])
+        self.tokens = self._normal(self.depth, self.num_context, self._dims["vision_width"])
 
-    def forward(self, image_features: Tensor | None = None) -> PromptSet:
+    def _prompts(self, image_features: Tensor | None) -> PromptSet:
         """Per-depth vision prompts, each ``(num_context, D_v)``; ``image_features`` unused."""
-        self._check_ready()
-        return PromptSet(
-            vision=list(self.prompts.unbind(0)), decoder_sees_prompts=self.decoder_sees_prompts
-        )
+        return PromptSet(vision=list(self.tokens.unbind(0)))

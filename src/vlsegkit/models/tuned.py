@@ -1,39 +1,50 @@
-"""``TunedModel``: a frozen VLSM + a context learner (+ upsampler), saved as the learner only.
+"""``TunedModel``: a frozen VLSM driven by hooks (prompt learners, adapters), saved as the hooks only.
 
 TuneVLSeg (Adhikari et al., ACCV 2024, §5): "since all the parameters of the pretrained models are
-frozen, we train and store only the learnable contexts for each downstream task". A tuned model's
-folder therefore holds
+frozen, we train and store only the learnable contexts for each downstream task"; VLSM-Adapter
+(Dhakal et al., MICCAI 2024) trains only its adapters the same way. A tuned model's folder holds
 
-* ``config.json`` -- ``model_type: "prompt-tuned"``, the learner (class + arguments), the upsampler
+* ``config.json`` -- ``model_type: "tuned"``, the hooks (class + arguments), the learnable upsampler
   arguments, and a reference to the base: its ``name_or_path`` and ``revision`` (where
-  ``VLSM.from_pretrained`` loaded it from) plus a fingerprint (hashes of its config and of its
-  weights) so that loading onto a different base fails clearly;
-* ``model.safetensors`` -- the learner and upsampler weights only (``tuned.state_dict()`` leaves the
+  ``VLSM.from_pretrained`` loaded it from; local folders are recorded as absolute paths) plus a
+  fingerprint (hashes of its config and of its weights) so that loading onto a different base fails
+  clearly;
+* ``model.safetensors`` -- the hook and upsampler weights only (``tuned.state_dict()`` leaves the
   frozen base out).
 
-``TunedModel.from_pretrained(path)`` (or ``vlsegkit.VLSM.from_pretrained(path)`` once
-``vlsegkit.prompts`` is imported, or :func:`load_tuned`) resolves the base through
-``VLSM.from_pretrained(name_or_path, revision=...)`` -- or takes it from ``base=`` -- checks the
-fingerprint and restores the learner.
+``VLSM.from_pretrained(path)`` (or ``TunedModel.from_pretrained(path, base=...)``) resolves the base
+through ``VLSM.from_pretrained(name_or_path, revision=...)`` -- or takes it from ``base=`` -- checks the
+fingerprint and restores the hooks. Any model with hook slots can be tuned
+(:class:`~vlsegkit.models.capabilities.SupportsHooks`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import inspect
 import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..hub import CONFIG_NAME, SAFETENSORS_NAME, CheckpointError, read_json, resolve_file
-from ..models.base import VLSM, ImageInput, SegmentationOutput
-from .base import ContextLearner, learner_from_config
-from .upsampler import LearnableUpsampler
+from ..encoders.hooks import TowerHook
+from ..hub import (
+    CONFIG_NAME,
+    SAFETENSORS_NAME,
+    CheckpointError,
+    load_checkpoint_file,
+    load_state_dict_strict,
+    read_json,
+    resolve_file,
+)
+from ..layers.upsampler import LearnableUpsampler
+from ..registry import hook_from_config
+from .base import VLSM, ImageInput
+from .capabilities import SupportsDecoderFeatures, SupportsHooks
+from .outputs import SegmentationOutput
 
 __all__ = ["TunedModel", "base_fingerprint", "load_tuned"]
 
@@ -94,40 +105,41 @@ def _resolve_base(reference: dict[str, Any], **hub_kwargs: Any) -> VLSM:
 
 
 class TunedModel(VLSM):
-    """A frozen base VLSM driven by a context learner, optionally with a learnable upsampler.
+    """A frozen base VLSM driven by hooks, optionally with TuneVLSeg's learnable upsampler.
 
-    ``tuned(pixel_values, prompts)`` runs ``base(pixel_values, prompts, prompter=learner)``; with an
+    ``tuned(pixel_values, prompts)`` runs ``base(pixel_values, prompts, hooks=tuned.hooks)``; with an
     upsampler the logits become ``upsampler(logits, decoder_features)``. The base is frozen in place
-    (``requires_grad_(False)``) and kept in eval mode; ``trainable_parameters()`` yields the learner and
-    upsampler parameters only, and ``state_dict()`` holds only them.
+    (``requires_grad_(False)``) and kept in eval mode; ``trainable_parameters()`` yields the hooks' and
+    upsampler's parameters only, and ``state_dict()`` holds only them.
 
     Args:
-        base: the pretrained model (its ``forward`` must accept ``prompter=`` and
-            ``output_decoder_features=``, as :class:`vlsegkit.CLIPSeg` does), or the ``base``
-            reference of a saved ``config.json`` (resolved with ``VLSM.from_pretrained``).
-        learner: a :class:`~vlsegkit.prompts.ContextLearner` (bound to the base's towers here) or its
-            ``config``.
+        base: the pretrained model (any :class:`~vlsegkit.models.capabilities.SupportsHooks`, e.g.
+            :class:`~vlsegkit.CLIPSeg`, :class:`~vlsegkit.MedCLIPSeg`), or the ``base`` reference of
+            a saved ``config.json`` (resolved with ``VLSM.from_pretrained``).
+        hooks: one :class:`~vlsegkit.encoders.TowerHook` or a list of them (or their configs); bound
+            to the base's hook slots here.
         upsampler: a :class:`~vlsegkit.prompts.LearnableUpsampler`, its config dict, True (default
-            arguments, input width ``base.decoder_feature_dim``) or None / False (none).
+            arguments, input width ``base.decoder_feature_dim``), ``"auto"`` (True when the base
+            offers decoder features) or None / False (none).
         gradient_checkpointing: recompute the frozen towers' block activations in backward instead of
             storing them (sets ``base.gradient_checkpointing``).
 
     Example:
         >>> base = VLSM.from_pretrained("CIDAS/clipseg-rd64")
-        >>> tuned = VPT(depth=6).attach(base)              # == TunedModel(base, VPT(depth=6))
+        >>> tuned = VPT(depth=6).attach(base)              # == TunedModel(base, VPT(depth=6), ...)
         >>> fit(tuned, loader, lr=1e-3)
-        >>> tuned.save_pretrained("vpt-kvasir")            # learner weights + base id / revision
-        >>> again = TunedModel.from_pretrained("vpt-kvasir")
+        >>> tuned.save_pretrained("vpt-kvasir")            # hook weights + base id / revision
+        >>> again = VLSM.from_pretrained("vpt-kvasir")
     """
 
-    model_type = "prompt-tuned"
+    model_type = "tuned"
 
     def __init__(
         self,
         base: VLSM | dict[str, Any],
-        learner: ContextLearner | dict[str, Any],
+        hooks: TowerHook | dict[str, Any] | Sequence[TowerHook | dict[str, Any]],
         *,
-        upsampler: LearnableUpsampler | dict[str, Any] | bool | None = True,
+        upsampler: LearnableUpsampler | dict[str, Any] | bool | str | None = None,
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -138,33 +150,24 @@ class TunedModel(VLSM):
             _check_fingerprint(base, reference.get("fingerprint", {}), source)
         if not isinstance(base, VLSM):
             raise TypeError(f"base must be a VLSM, got {type(base).__name__}")
-        params = inspect.signature(base.forward).parameters
-        if "prompter" not in params:
+        if not isinstance(base, SupportsHooks):
             raise TypeError(
-                f"{type(base).__name__}.forward has no 'prompter' argument: it does not support "
-                "prompt learners"
+                f"{type(base).__name__} has no hook slots: prompt learners and adapters cannot act "
+                "inside it"
             )
-        if isinstance(learner, dict):
-            learner = learner_from_config(learner)
-        if not isinstance(learner, ContextLearner):
-            raise TypeError(f"learner must be a ContextLearner, got {type(learner).__name__}")
+        if isinstance(hooks, (TowerHook, dict)):
+            hooks = [hooks]
+        built = [hook_from_config(h) if isinstance(h, dict) else h for h in hooks]
+        if not built or not all(isinstance(h, TowerHook) for h in built):
+            raise TypeError(f"hooks must be TowerHook instances or their configs, got {hooks!r}")
         base.requires_grad_(False)
-        learner.bind(
-            text_tower=getattr(base, "text_tower", None),
-            vision_tower=getattr(base, "vision_tower", None),
-            tokenizer=getattr(base, "tokenizer", None),
-        )
+        slots = base.hook_slots()
         self.base = base
-        self.learner = learner
+        self.hooks = nn.ModuleList(h.bind(slots) for h in built)
         self.upsampler = self._make_upsampler(base, upsampler)
-        if self.upsampler is not None and "output_decoder_features" not in params:
-            raise TypeError(
-                f"{type(base).__name__}.forward cannot return decoder features "
-                "(output_decoder_features); use upsampler=None"
-            )
         first = next(base.parameters(), None)
         if first is not None:
-            self.learner.to(first.device)
+            self.hooks.to(first.device)
             if self.upsampler is not None:
                 self.upsampler.to(first.device)
         self.image_size, self.image_mean, self.image_std = (
@@ -180,24 +183,35 @@ class TunedModel(VLSM):
 
     @staticmethod
     def _make_upsampler(base: VLSM, upsampler) -> LearnableUpsampler | None:
+        if upsampler == "auto":
+            upsampler = isinstance(base, SupportsDecoderFeatures)
         if upsampler is None or upsampler is False:
             return None
+        if not isinstance(base, SupportsDecoderFeatures):
+            raise TypeError(
+                f"{type(base).__name__} cannot return decoder features for a learnable upsampler; "
+                "use upsampler=None"
+            )
         if isinstance(upsampler, LearnableUpsampler):
             return upsampler
         if upsampler is True or isinstance(upsampler, dict):
             kwargs = {} if upsampler is True else dict(upsampler)
-            if "in_channels" not in kwargs:
-                width = getattr(base, "decoder_feature_dim", None)
-                if width is None:
-                    raise ValueError(
-                        f"{type(base).__name__} has no decoder_feature_dim; pass "
-                        "upsampler=LearnableUpsampler(in_channels=...)"
-                    )
-                kwargs["in_channels"] = width
+            kwargs.setdefault("in_channels", base.decoder_feature_dim)
             return LearnableUpsampler(**kwargs)
         raise TypeError(
-            f"upsampler must be a LearnableUpsampler, a dict, a bool or None, got {upsampler!r}"
+            "upsampler must be a LearnableUpsampler, a dict, a bool, 'auto' or None, got "
+            f"{upsampler!r}"
         )
+
+    @property
+    def learner(self) -> TowerHook:
+        """The first prompt learner among the hooks (``tuned.learner``)."""
+        from ..prompts.base import ContextLearner
+
+        for hook in self.hooks:
+            if isinstance(hook, ContextLearner):
+                return hook
+        raise AttributeError("this tuned model has no prompt learner")
 
     # ------------------------------------------------------------------ switches
     @property
@@ -213,10 +227,14 @@ class TunedModel(VLSM):
             self.base.gradient_checkpointing = bool(enabled)
 
     def train(self, mode: bool = True) -> TunedModel:
-        """Train mode for the learner and upsampler; the frozen base always stays in eval mode."""
+        """Train mode for the hooks and upsampler; the frozen base always stays in eval mode."""
         super().train(mode)
         self.base.eval()
         return self
+
+    def default_task(self):
+        """The base model's task (its paper's loss)."""
+        return self.base.default_task()
 
     # ------------------------------------------------------------------ config
     @property
@@ -232,7 +250,7 @@ class TunedModel(VLSM):
     def config(self) -> dict[str, Any]:
         return {
             "base": self.base_reference,
-            "learner": self.learner.config,
+            "hooks": [h.config for h in self.hooks],
             "upsampler": None if self.upsampler is None else self.upsampler.config,
         }
 
@@ -243,61 +261,64 @@ class TunedModel(VLSM):
         prompts: str | Sequence[str] | Sequence[Sequence[str]] | None = None,
         **kwargs: Any,
     ) -> SegmentationOutput:
-        """Segment with the learned prompts: arguments as the base model's ``forward``.
+        """Segment with the hooks: arguments as the base model's ``forward``.
 
         Returns:
-            :class:`~vlsegkit.models.SegmentationOutput` with ``logits (B, C, H, W)``; with an
-            upsampler ``extras["decoder_features"]`` holds the features it read.
+            the base's output type with ``logits (B, C, H, W)`` (after the upsampler, if any).
         """
+        if self.upsampler is not None:
+            kwargs["output_decoder_features"] = True
         out = self.base(
-            pixel_values,
-            prompts,
-            prompter=self.learner,
-            output_decoder_features=self.upsampler is not None,
-            **kwargs,
+            pixel_values, prompts, hooks=[*self.hooks, *kwargs.pop("hooks", ())], **kwargs
         )
         if self.upsampler is None:
             return out
-        logits = self.upsampler(out.logits, out.extras["decoder_features"])
-        return SegmentationOutput(
-            logits=logits, conditional_embeddings=out.conditional_embeddings, extras=out.extras
-        )
+        logits = self.upsampler(out.logits, out.decoder_features)
+        return dataclasses.replace(out, logits=logits)
+
+    # Monte Carlo inference passes through to a stochastic base, with the hooks
+    def is_sampling(self, sample: bool | None) -> bool:
+        return self._mc_base().is_sampling(sample)
+
+    def encode_prefix(self, pixel_values: Tensor, prompts: Any, **kwargs: Any):
+        return self._mc_base().encode_prefix(pixel_values, prompts, hooks=self.hooks, **kwargs)
+
+    def forward_from_prefix(self, prefix: Any, **kwargs: Any):
+        return self._mc_base().forward_from_prefix(prefix, **kwargs)
+
+    def _mc_base(self) -> Any:
+        from ..uncertainty import SupportsMonteCarlo
+
+        if not isinstance(self.base, SupportsMonteCarlo) or self.upsampler is not None:
+            raise TypeError(
+                f"Monte Carlo inference needs a stochastic base without an upsampler; "
+                f"{type(self.base).__name__} is not one"
+            )
+        return self.base
+
+    def predict_with_uncertainty(self, images: Any, prompts: Any, samples: int = 30, **kwargs: Any):
+        """Monte Carlo maps of a stochastic base (e.g. MedCLIPSeg) run with the hooks; see
+        :func:`vlsegkit.uncertainty.monte_carlo_predict`."""
+        from ..uncertainty import monte_carlo_predict
+
+        self._mc_base()
+        return monte_carlo_predict(self, images, prompts, samples, **kwargs)
 
     @torch.no_grad()
     def predict(
         self,
         images: ImageInput | Sequence[ImageInput],
-        prompts: str | Sequence[str],
-        *,
-        batch_size: int = 8,
+        prompts: str | Sequence[str] | Sequence[Sequence[str]],
+        **kwargs: Any,
     ) -> Tensor | list[Tensor]:
-        """Probabilities ``(C, H, W)`` for every prompt at each image's original size.
+        """Probabilities at each image's original size (Monte Carlo mean for stochastic bases);
+        prompts and options as the base's ``predict``."""
+        from ..uncertainty import SupportsMonteCarlo
 
-        Args:
-            images: one image or a list (PIL, numpy, tensors), any size.
-            prompts: one prompt or a list of C prompts, applied to every image.
-            batch_size: images per forward pass.
-        """
-        single = not isinstance(images, (list, tuple)) and not (
-            isinstance(images, Tensor) and images.dim() == 4
-        )
-        items = [images] if single else list(images)
-        prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompt_list:
-            raise ValueError("predict() needs at least one prompt")
-        was_training = self.training
-        self.eval()
-        out: list[Tensor] = []
-        try:
-            for start in range(0, len(items), batch_size):
-                pixels, sizes = self.base.preprocess(items[start : start + batch_size])
-                probs = self(pixels, [prompt_list] * pixels.shape[0]).logits.sigmoid()
-                for p, size in zip(probs, sizes):
-                    up = F.interpolate(p[None], size=size, mode="bilinear", align_corners=False)
-                    out.append(up[0].cpu())
-        finally:
-            self.train(was_training)
-        return out[0] if single else out
+        if isinstance(self.base, SupportsMonteCarlo) and self.upsampler is None:
+            samples = kwargs.pop("samples", 30)
+            return self.predict_with_uncertainty(images, prompts, samples, **kwargs).mean
+        return super().predict(images, prompts, **kwargs)
 
     # ------------------------------------------------------------------ Hub I/O
     @classmethod
@@ -311,7 +332,7 @@ class TunedModel(VLSM):
         local_files_only: bool = False,
         token: str | bool | None = None,
     ) -> TunedModel:
-        """Load a tuned model: resolve (or take) the base, check its fingerprint, load the learner.
+        """Load a tuned model: resolve (or take) the base, check its fingerprint, load the hooks.
 
         Args:
             id_or_path: folder or Hub repo id written by ``save_pretrained`` / ``push_to_hub``.
@@ -320,26 +341,40 @@ class TunedModel(VLSM):
                 the base (the base uses its own recorded revision).
 
         Raises:
-            CheckpointError: not a tuned-model folder, a different base, or bad learner weights.
+            CheckpointError: not a tuned-model folder, a different base, or bad hook weights.
         """
         kw = dict(cache_dir=cache_dir, local_files_only=local_files_only, token=token)
         config_path = resolve_file(id_or_path, CONFIG_NAME, revision=revision, **kw)
         config = read_json(config_path)
-        if config.get("model_type") != cls.model_type:
+        if not isinstance(config, dict) or config.get("model_type") != cls.model_type:
+            found = config.get("model_type") if isinstance(config, dict) else None
             raise CheckpointError(
-                f"{config_path} is not a prompt-tuned model (model_type="
-                f"{config.get('model_type')!r}, expected {cls.model_type!r})"
+                f"{config_path} is not a tuned model (model_type={found!r}, expected "
+                f"{cls.model_type!r})"
             )
+        return cls._from_vlsegkit(
+            id_or_path, config, config_path, base=base, revision=revision, **kw
+        )
+
+    @classmethod
+    def _from_vlsegkit(
+        cls, id_or_path, config, config_path, *, base: VLSM | None = None, **hub_kwargs
+    ) -> TunedModel:
         reference = config.get("base")
         if not isinstance(reference, dict):
             raise CheckpointError(f"{config_path} has no 'base' reference")
+        hooks = config.get("hooks")
+        if not isinstance(hooks, list) or not hooks:
+            raise CheckpointError(f"{config_path} has no 'hooks' list")
+        revision = hub_kwargs.pop("revision", None)
         if base is None:
-            base = _resolve_base(reference, **kw)
+            base = _resolve_base(reference, **hub_kwargs)
         _check_fingerprint(base, reference.get("fingerprint", {}), str(config_path))
-        model = cls(base, config["learner"], upsampler=config.get("upsampler"))
-        weights = resolve_file(id_or_path, SAFETENSORS_NAME, revision=revision, **kw)
-        from ..hub import load_checkpoint_file, load_state_dict_strict
-
+        try:
+            model = cls(base, hooks, upsampler=config.get("upsampler"))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{config_path}: cannot rebuild the tuned model: {e}") from e
+        weights = resolve_file(id_or_path, SAFETENSORS_NAME, revision=revision, **hub_kwargs)
         load_state_dict_strict(model, load_checkpoint_file(weights), source=str(weights))
         return model._mark_source(id_or_path, revision).eval()
 

@@ -1,0 +1,435 @@
+"""The tower factory: build a vision and a text tower from a typed, JSON-serialisable spec.
+
+Models never touch transformers or open_clip internals: they describe their backbone with a spec and
+call :func:`create_towers`, which builds the upstream modules offline (random weights; real weights
+come from a checkpoint) and wraps them in steppable towers. One spec class per backend:
+
+* :class:`TransformersCLIPSpec` -- transformers ``CLIPModel`` / ``CLIPSegModel`` towers.
+* :class:`OpenCLIPSpec` -- an open_clip model assembled from a vision part
+  (:class:`OpenCLIPViT`, open_clip's built-in ViT; or :class:`TimmViT`, a timm trunk as in
+  BiomedCLIP) and a text part (:class:`OpenCLIPText`, the CLIP text transformer; or
+  :class:`BertText`, open_clip's Hugging Face BERT encoder, as in BiomedCLIP / UniMedCLIP).
+
+Each spec converts to and from a plain dict (``spec.to_dict()`` / :func:`tower_spec_from_dict`),
+which is what ``config.json`` stores. A convolutional vision part with multi-scale feature maps (CLIP
+ResNet, for CRIS) is one more vision spec class in this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from torch import nn
+
+from .base import Tower
+
+__all__ = [
+    "BertText",
+    "OpenCLIPSpec",
+    "OpenCLIPText",
+    "OpenCLIPViT",
+    "TimmViT",
+    "TowerSpec",
+    "Towers",
+    "TransformersCLIPSpec",
+    "create_towers",
+    "tower_spec_from_dict",
+]
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _check_keys(spec: Mapping, allowed: set[str], required: set[str], where: str) -> None:
+    unknown = sorted(set(spec) - allowed)
+    missing = sorted(required - set(spec))
+    if unknown or missing:
+        raise ValueError(
+            f"{where}: unknown keys {unknown}, missing keys {missing} (allowed: {sorted(allowed)})"
+        )
+
+
+def _plain(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where} must be a dict, got {type(value).__name__}")
+    return dict(value)
+
+
+@dataclass
+class Towers:
+    """What :func:`create_towers` returns.
+
+    Attributes:
+        vision: the vision tower.
+        text: the text tower.
+        make_tokenizer: ``make_tokenizer(context_length) -> PromptTokenizer`` for the text tower, or
+            None when the vocabulary must come from files (BERT: pass a tokenizer folder / Hub id).
+        image_mean, image_std: the normalisation the towers were pretrained with.
+        upstream_keys: the upstream model's state-dict keys -> tower-relative keys
+            (``"vision.<...>"`` / ``"text.<...>"``), for converting upstream checkpoints.
+    """
+
+    vision: Tower
+    text: Tower
+    make_tokenizer: Callable[[int], Any] | None = None
+    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+    upstream_keys: dict[str, str] = field(default_factory=dict)
+
+
+class TowerSpec:
+    """Base of the backbone specs (``kind`` names the backend in ``to_dict()``)."""
+
+    kind: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def build(self) -> Towers:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------ transformers
+_HF_TEXT_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "max_position_embeddings", "hidden_act", "layer_norm_eps", "pad_token_id", "bos_token_id",
+    "eos_token_id",
+)  # fmt: skip
+_HF_VISION_KEYS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+    "image_size", "patch_size", "hidden_act", "layer_norm_eps",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TransformersCLIPSpec(TowerSpec):
+    """transformers CLIP / CLIPSeg towers (Radford et al. 2021; Lüddecke & Ecker 2022).
+
+    Args:
+        text_config: ``CLIPTextConfig`` fields.
+        vision_config: ``CLIPVisionConfig`` fields.
+        projection_dim: joint embedding width ``E``.
+        model: ``"clipseg"`` builds ``CLIPSegModel`` (CLIPSeg checkpoints' towers), ``"clip"``
+            ``CLIPModel``.
+    """
+
+    kind: ClassVar[str] = "transformers_clip"
+    text_config: dict[str, Any]
+    vision_config: dict[str, Any]
+    projection_dim: int
+    model: Literal["clip", "clipseg"] = "clip"
+
+    def __post_init__(self) -> None:
+        if self.model not in ("clip", "clipseg"):
+            raise ValueError(f"model must be 'clip' or 'clipseg', got {self.model!r}")
+        config = self._hf_config()
+        # canonical form: every field the towers depend on, so configs round-trip stably
+        object.__setattr__(
+            self, "text_config", {k: getattr(config.text_config, k) for k in _HF_TEXT_KEYS}
+        )
+        object.__setattr__(
+            self, "vision_config", {k: getattr(config.vision_config, k) for k in _HF_VISION_KEYS}
+        )
+        object.__setattr__(self, "projection_dim", int(config.projection_dim))
+
+    def _hf_config(self):
+        from transformers import CLIPConfig, CLIPSegConfig
+
+        config_cls = CLIPSegConfig if self.model == "clipseg" else CLIPConfig
+        return config_cls(
+            text_config=_plain(self.text_config, "text_config"),
+            vision_config=_plain(self.vision_config, "vision_config"),
+            projection_dim=int(self.projection_dim),
+        )
+
+    @property
+    def layer_norm_eps(self) -> float:
+        """The vision tower's LayerNorm epsilon (CLIPSeg's decoder uses it too)."""
+        return float(self.vision_config["layer_norm_eps"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "text_config": dict(self.text_config),
+            "vision_config": dict(self.vision_config),
+            "projection_dim": self.projection_dim,
+            "model": self.model,
+        }
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any]) -> TransformersCLIPSpec:
+        where = "backbone (kind 'transformers_clip')"
+        _check_keys(
+            spec,
+            {"kind", "text_config", "vision_config", "projection_dim", "model"},
+            {"text_config", "vision_config", "projection_dim"},
+            where,
+        )
+        return cls(
+            text_config=_plain(spec["text_config"], f"{where} text_config"),
+            vision_config=_plain(spec["vision_config"], f"{where} vision_config"),
+            projection_dim=int(spec["projection_dim"]),
+            model=spec.get("model", "clip"),
+        )
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any]) -> TransformersCLIPSpec:
+        """The towers of a transformers ``config.json`` (``CLIPModel`` or ``CLIPSeg*``)."""
+        model = "clipseg" if config.get("model_type") == "clipseg" else "clip"
+        return cls(
+            text_config=dict(config.get("text_config") or {}),
+            vision_config=dict(config.get("vision_config") or {}),
+            projection_dim=int(config.get("projection_dim", 512)),
+            model=model,
+        )
+
+    def build(self) -> Towers:
+        from transformers import CLIPModel, CLIPSegModel
+
+        from ..tokenizers import CLIPTokenizer
+        from .hf_clip import from_clip_model
+
+        upstream = (CLIPSegModel if self.model == "clipseg" else CLIPModel)(self._hf_config())
+        vision, text = from_clip_model(upstream)
+        return Towers(
+            vision=vision,
+            text=text,
+            make_tokenizer=lambda n: CLIPTokenizer.from_open_clip(context_length=n),
+            upstream_keys=_keys_by_identity(upstream, vision, text),
+        )
+
+
+# ------------------------------------------------------------------------------ open_clip
+@dataclass(frozen=True)
+class OpenCLIPViT:
+    """open_clip's built-in ``VisionTransformer``: ``cfg`` holds ``CLIPVisionCfg`` fields."""
+
+    cfg: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TimmViT:
+    """A timm ViT trunk with open_clip's head (``TimmModel``), BiomedCLIP's image tower.
+
+    ``cfg`` holds ``CLIPVisionCfg`` fields with ``timm_model_name`` (e.g.
+    ``"vit_base_patch16_224"``), ``timm_pool`` and ``timm_proj``; ``timm_model_pretrained`` must be
+    false (weights come from the checkpoint, nothing is downloaded).
+    """
+
+    cfg: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class OpenCLIPText:
+    """open_clip's CLIP ``TextTransformer``: ``cfg`` holds ``CLIPTextCfg`` fields."""
+
+    cfg: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BertText:
+    """open_clip's ``HFTextEncoder`` over a transformers ``BertModel`` (BiomedCLIP, UniMedCLIP).
+
+    Args:
+        config: ``BertConfig`` fields.
+        proj: open_clip projection type (``"mlp"``, ``"linear"``).
+        pooler: open_clip pooler (``"cls_last_hidden_state_pooler"``, ``"cls_pooler"``,
+            ``"mean_pooler"``).
+    """
+
+    config: dict[str, Any]
+    proj: str = "mlp"
+    pooler: str = "cls_last_hidden_state_pooler"
+
+
+@dataclass(frozen=True)
+class OpenCLIPSpec(TowerSpec):
+    """An open_clip model's towers: a vision part and a text part sharing the joint width.
+
+    Args:
+        embed_dim: joint embedding width ``E``.
+        vision: :class:`OpenCLIPViT` or :class:`TimmViT`.
+        text: :class:`OpenCLIPText` or :class:`BertText`.
+        quick_gelu: QuickGELU activations (OpenAI-trained weights).
+
+    ``to_dict()`` gives the flat form stored in ``config.json``::
+
+        {"kind": "open_clip", "embed_dim": 512, "quick_gelu": true,
+         "vision_cfg": {...},                            # OpenCLIPViT / TimmViT cfg
+         "text_cfg": {...}                               # OpenCLIPText, or
+         "bert_config": {...}, "text_proj": "mlp", "text_pooler": "..."}   # BertText
+    """
+
+    kind: ClassVar[str] = "open_clip"
+    embed_dim: int
+    vision: OpenCLIPViT | TimmViT
+    text: OpenCLIPText | BertText
+    quick_gelu: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.vision, (OpenCLIPViT, TimmViT)):
+            raise ValueError(f"vision must be OpenCLIPViT or TimmViT, got {self.vision!r}")
+        if not isinstance(self.text, (OpenCLIPText, BertText)):
+            raise ValueError(f"text must be OpenCLIPText or BertText, got {self.text!r}")
+        if isinstance(self.vision, TimmViT) and self.vision.cfg.get("timm_model_pretrained"):
+            raise ValueError(
+                "vision_cfg.timm_model_pretrained must be false (towers are built offline; "
+                "weights come from the checkpoint)"
+            )
+        if isinstance(self.text, OpenCLIPText) and self.text.cfg.get("hf_model_name"):
+            raise ValueError("for a Hugging Face text encoder use BertText ('bert_config')")
+
+    @property
+    def has_bert_text(self) -> bool:
+        return isinstance(self.text, BertText)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            "embed_dim": self.embed_dim,
+            "quick_gelu": self.quick_gelu,
+            "vision_cfg": dict(self.vision.cfg),
+        }
+        if isinstance(self.text, BertText):
+            out.update(
+                bert_config=dict(self.text.config),
+                text_proj=self.text.proj,
+                text_pooler=self.text.pooler,
+            )
+        else:
+            out["text_cfg"] = dict(self.text.cfg)
+        return out
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any]) -> OpenCLIPSpec:
+        where = "backbone (kind 'open_clip')"
+        _check_keys(
+            spec,
+            {"kind", "embed_dim", "quick_gelu", "vision_cfg", "text_cfg", "bert_config",
+             "text_proj", "text_pooler"},
+            {"embed_dim", "vision_cfg"},
+            where,
+        )  # fmt: skip
+        if ("text_cfg" in spec) == ("bert_config" in spec):
+            raise ValueError(f"{where}: give exactly one of 'text_cfg' and 'bert_config'")
+        vision_cfg = _plain(spec["vision_cfg"], f"{where} vision_cfg")
+        vision = (
+            TimmViT(vision_cfg) if vision_cfg.get("timm_model_name") else OpenCLIPViT(vision_cfg)
+        )
+        if "text_cfg" in spec:
+            text: OpenCLIPText | BertText = OpenCLIPText(
+                _plain(spec["text_cfg"], f"{where} text_cfg")
+            )
+        else:
+            text = BertText(
+                _plain(spec["bert_config"], f"{where} bert_config"),
+                proj=spec.get("text_proj", "mlp"),
+                pooler=spec.get("text_pooler", "cls_last_hidden_state_pooler"),
+            )
+        return cls(
+            embed_dim=int(spec["embed_dim"]),
+            vision=vision,
+            text=text,
+            quick_gelu=bool(spec.get("quick_gelu", False)),
+        )
+
+    def build(self) -> Towers:
+        from open_clip.model import _build_text_tower, _build_vision_tower
+        from open_clip.timm_model import TimmModel
+
+        from ..tokenizers import CLIPTokenizer
+        from .open_clip import OpenCLIPTextTower, OpenCLIPVisionTower, TimmViTTower
+
+        visual = _build_vision_tower(self.embed_dim, dict(self.vision.cfg), self.quick_gelu)
+        vision: Tower
+        if isinstance(visual, TimmModel):
+            vision = TimmViTTower(visual)
+        else:
+            vision = OpenCLIPVisionTower(visual)
+        make_tokenizer = None
+        if isinstance(self.text, BertText):
+            text_module = self._bert_encoder()
+            from .open_clip import HFBertTextTower
+
+            text: Tower = HFBertTextTower(text_module)
+        else:
+            text_module = _build_text_tower(self.embed_dim, dict(self.text.cfg), self.quick_gelu)
+            text = OpenCLIPTextTower(text_module)
+            make_tokenizer = lambda n: CLIPTokenizer.from_open_clip(context_length=n)  # noqa: E731
+        container = nn.Module()
+        container.visual, container.text = visual, text_module
+        return Towers(
+            vision=vision,
+            text=text,
+            make_tokenizer=make_tokenizer,
+            upstream_keys=_keys_by_identity(container, vision, text),
+        )
+
+    def _bert_encoder(self) -> nn.Module:
+        from open_clip.hf_model import HFTextEncoder
+        from transformers import BertConfig
+
+        assert isinstance(self.text, BertText)
+        bert = BertConfig(**self.text.config)
+        encoder = HFTextEncoder(
+            bert.name_or_path or "bert",
+            output_dim=self.embed_dim,
+            config=bert,
+            pooler_type=self.text.pooler,
+            proj_type=self.text.proj,
+        )
+        if self.text.pooler != "cls_pooler":
+            # open_clip's pretrained path builds BERT without its pooler unless cls_pooler uses it
+            encoder.transformer.pooler = None
+        return encoder
+
+
+# ------------------------------------------------------------------------------ entry points
+_SPECS: dict[str, type] = {
+    TransformersCLIPSpec.kind: TransformersCLIPSpec,
+    OpenCLIPSpec.kind: OpenCLIPSpec,
+}
+
+
+def tower_spec_from_dict(spec: Mapping[str, Any] | TowerSpec) -> TowerSpec:
+    """The typed spec of a ``config.json`` backbone dict (a spec is returned as it is).
+
+    Raises:
+        ValueError: not a dict, an unknown ``kind``, or unknown / missing keys (named).
+    """
+    if isinstance(spec, TowerSpec):
+        return spec
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"backbone must be a dict spec, got {type(spec).__name__}")
+    kind = spec.get("kind")
+    if kind not in _SPECS:
+        raise ValueError(f"backbone['kind'] must be one of {sorted(_SPECS)}, got {kind!r}")
+    return _SPECS[kind].from_dict(spec)
+
+
+def create_towers(spec: TowerSpec | Mapping[str, Any]) -> Towers:
+    """Build the vision and text towers of ``spec`` (random weights, offline).
+
+    Args:
+        spec: a :class:`TowerSpec` or its ``to_dict()`` form.
+
+    Returns:
+        :class:`Towers`: both towers, the tokenizer factory, the pretraining normalisation and the
+        upstream key map.
+    """
+    return tower_spec_from_dict(spec).build()
+
+
+def _keys_by_identity(upstream: nn.Module, vision: Tower, text: Tower) -> dict[str, str]:
+    """Map every upstream parameter / buffer name to the tower-relative name of the same tensor."""
+    ours: dict[int, str] = {}
+    for prefix, tower in (("vision", vision), ("text", text)):
+        for name, tensor in (*tower.named_parameters(), *tower.named_buffers()):
+            ours.setdefault(id(tensor), f"{prefix}.{name}")
+    return {
+        name: ours[id(tensor)]
+        for name, tensor in (*upstream.named_parameters(), *upstream.named_buffers())
+        if id(tensor) in ours
+    }

@@ -1,0 +1,40 @@
+"""What a model can do, as ``runtime_checkable`` protocols (checked with ``isinstance``).
+
+Code that works with any model asks these questions instead of inspecting signatures::
+
+    if isinstance(model, SupportsHooks): ...          # prompt learners / adapters attach
+    if isinstance(model, SupportsUncertainty): ...    # Monte Carlo maps
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from ..encoders.hooks import HookSlots
+
+__all__ = ["SupportsDecoderFeatures", "SupportsHooks", "SupportsUncertainty"]
+
+
+@runtime_checkable
+class SupportsHooks(Protocol):
+    """Built from steppable towers: ``hook_slots()`` describes where hooks act, and ``forward``
+    takes ``hooks=`` (prompt learners, adapters; :class:`~vlsegkit.encoders.TowerHook`)."""
+
+    def hook_slots(self) -> HookSlots: ...
+
+
+@runtime_checkable
+class SupportsDecoderFeatures(Protocol):
+    """``forward(..., output_decoder_features=True)`` returns ``decoder_features`` of
+    ``decoder_feature_dim`` channels (for TuneVLSeg's learnable upsampler)."""
+
+    decoder_feature_dim: int
+
+
+@runtime_checkable
+class SupportsUncertainty(Protocol):
+    """Stochastic model with Monte Carlo inference: ``predict_with_uncertainty(images, prompts,
+    samples)`` returns a :class:`~vlsegkit.uncertainty.UncertaintyOutput`."""
+
+    def predict_with_uncertainty(self, images: Any, prompts: Any, samples: int = ...) -> Any: ...
