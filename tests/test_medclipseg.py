@@ -27,12 +27,12 @@ from open_clip.transformer import QuickGELU, VisionTransformer  # noqa: E402
 
 from vlsegkit import VLSM, create_model  # noqa: E402
 from vlsegkit.data import SyntheticLesions, collate_prompts  # noqa: E402
+from vlsegkit.encoders import create_towers  # noqa: E402
 from vlsegkit.hub import CheckpointError  # noqa: E402
-from vlsegkit.losses import DiceBCELoss, SoftPatchContrastiveLoss  # noqa: E402
+from vlsegkit.losses import DiceBCELoss, MedCLIPSegLoss, SoftPatchContrastiveLoss  # noqa: E402
 from vlsegkit.models import MedCLIPSeg  # noqa: E402
-from vlsegkit.models.medclipseg import (  # noqa: E402
-    MedCLIPSegLoss,
-    build_towers,
+from vlsegkit.models.medclipseg_released import (  # noqa: E402
+    convert_released_state_dict,
     load_released_state_dict,
     released_checkpoint_name,
 )
@@ -156,17 +156,17 @@ def test_forward_matches_hand_written_lockstep(bert_model, sample):
         )
     assert out.logits.shape == (2, 1, 32, 32)
     torch.testing.assert_close(out.logits, ref, rtol=0, atol=1e-5)
-    torch.testing.assert_close(out.extras["patch_tokens"][:, 0], dense, rtol=0, atol=1e-5)
-    torch.testing.assert_close(out.extras["text_embeddings"][:, 0], pooled, rtol=0, atol=1e-5)
-    assert torch.equal(out.conditional_embeddings, out.extras["text_embeddings"])
+    torch.testing.assert_close(out.patch_tokens[:, 0], dense, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.text_embeddings[:, 0], pooled, rtol=0, atol=1e-5)
+    assert torch.equal(out.conditional_embeddings, out.text_embeddings)
     # the adapters matter: without them the result differs
     with torch.no_grad():
-        saved = model.layers
-        model.layers = ()
+        saved = model.pvl_adapters.slot
+        model.pvl_adapters.slot = {}  # the hook then acts nowhere
         try:
             plain = model(x, PROMPTS[:2], sample=sample).logits
         finally:
-            model.layers = saved
+            model.pvl_adapters.slot = saved
     assert (plain - out.logits).abs().max() > 1e-3
 
 
@@ -183,9 +183,9 @@ def test_adapter_free_towers_match_upstream_open_clip(tok_dir, vocab):
         finally:
             visual.output_tokens = False
         text_emb = text(ids)  # HFTextEncoder: [CLS] of the last layer through the MLP projection
-    torch.testing.assert_close(out.extras["patch_tokens"][:, 0], tokens @ visual.proj, atol=1e-5,
+    torch.testing.assert_close(out.patch_tokens[:, 0], tokens @ visual.proj, atol=1e-5,
                                rtol=0)  # fmt: skip
-    torch.testing.assert_close(out.extras["text_embeddings"][:, 0], text_emb, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.text_embeddings[:, 0], text_emb, atol=1e-5, rtol=0)
 
 
 def test_prompt_pairing(bert_model):
@@ -298,7 +298,7 @@ def test_gradient_checkpointing_same_gradients(tok_dir, vocab):
 def test_loss_is_weighted_sum_of_parts(bert_model):
     out = bert_model(_pixels(3, seed=6), PROMPTS, generator=_gen(4))
     masks = (torch.rand(3, 1, 32, 32, generator=_gen(2)) > 0.6).float()
-    patches, text = out.extras["patch_tokens"][:, 0], out.extras["text_embeddings"][:, 0]
+    patches, text = out.patch_tokens[:, 0], out.text_embeddings[:, 0]
     # plain float64 restatement of eq. 23 with per-image Dice (smooth 1) and eqs. 20-22
     x, g = out.logits.double(), masks.double()
     p = torch.sigmoid(x)
@@ -318,9 +318,12 @@ def test_loss_is_weighted_sum_of_parts(bert_model):
         expected = (weights[0] * dice + weights[1] * bce).mean() + weights[2] * con
         assert abs(loss(out, masks).item() - expected.item()) < 1e-5
     terms = MedCLIPSegLoss().terms(out, masks[:, 0])  # (B, H, W) masks for C = 1
-    assert abs(terms["softcon"].item() - con.item()) < 1e-5
+    assert set(terms) == {"loss", "dice_loss", "bce_loss", "softcon_loss"}
+    assert abs(terms["softcon_loss"].item() - con.item()) < 1e-5
+    assert abs(terms["dice_loss"].item() - dice.mean().item()) < 1e-5
+    assert abs(terms["bce_loss"].item() - bce.mean().item()) < 1e-5
     ref = DiceBCELoss()(out.logits, masks) + 0.1 * SoftPatchContrastiveLoss()(patches, text)
-    assert abs(terms["total"].item() - ref.item()) < 1e-6
+    assert abs(terms["loss"].item() - ref.item()) < 1e-6
     with pytest.raises(ValueError, match=r"masks must have the shape of output.logits"):
         MedCLIPSegLoss()(out, masks[:, :, :16])
     with pytest.raises(ValueError, match="patch_tokens"):
@@ -501,7 +504,8 @@ def test_entropy_decomposition(bert_model):
         assert (ale >= 0).all() and (epi >= 0).all() and (total <= math.log(2) + 1e-6).all()
         torch.testing.assert_close(total, ale + epi, atol=1e-6, rtol=0)
         assert ((got.mean[j] >= 0) & (got.mean[j] <= 1)).all() and (got.variance[j] >= 0).all()
-    off = bert_model.predict_with_uncertainty(_images(), PROMPTS[:2], 6, seed=5, sample=False)
+    paired = [[PROMPTS[0]], [PROMPTS[1]]]  # one prompt per image
+    off = bert_model.predict_with_uncertainty(_images(), paired, 6, seed=5, sample=False)
     assert off.samples == 1
     for j in range(2):
         assert torch.equal(off.epistemic[j], torch.zeros_like(off.epistemic[j]))
@@ -543,7 +547,7 @@ def test_mc_bad_arguments(bert_model):
     ):
         with pytest.raises(ValueError, match=match):
             bert_model.predict_with_uncertainty(image, PROMPTS[0], **kwargs)
-    with pytest.raises(ValueError, match="prompts must be a string or a non-empty list"):
+    with pytest.raises(ValueError, match="prompts must be a string, a non-empty list"):
         bert_model.predict_with_uncertainty(image, [], 2)
     with pytest.raises(ValueError, match="images must hold at least one image"):
         bert_model.predict_with_uncertainty([], PROMPTS[0], 2)
@@ -551,11 +555,14 @@ def test_mc_bad_arguments(bert_model):
 
 # ---------------------------------------------------------------------- released checkpoints
 def _released_keys(num_adapters: int, dv: int, dt: int, ds: int, e: int) -> dict[str, tuple]:
-    """Names and shapes of the trainable part of the released ``CustomCLIP`` (spec section 9.3)."""
+    """Names and shapes of the trainable part of the released ``CustomCLIP``, written from the
+    official module structure (``HealthX-Lab/MedCLIPSeg``, ``trainers/layers.py``): ``PVL_Adapter``
+    keeps its vision down-projection in ``nn.Sequential(nn.Linear(..., bias=False))`` -- hence
+    ``proj_vis_down.0.weight`` -- and the other three projections as plain bias-free ``nn.Linear``."""
     keys: dict[str, tuple] = {}
     for n in range(num_adapters):
         p = f"pvl_adapters.{n}."
-        keys.update({p + "proj_vis_down.weight": (ds, dv), p + "proj_txt_down.weight": (ds, dt),
+        keys.update({p + "proj_vis_down.0.weight": (ds, dv), p + "proj_txt_down.weight": (ds, dt),
                      p + "proj_vis_up.weight": (dv, ds), p + "proj_txt_up.weight": (dt, ds)})  # fmt: skip
         for direction in ("img_to_txt", "txt_to_img"):
             q = f"{p}two_way.cross_attn_{direction}."
@@ -672,7 +679,7 @@ def _released_forward(upstream, state, pixels, ids, *, layers=(1, 2), beta=2.35)
     ):
         if i in layers:
             p = f"pvl_adapters.{layers.index(i)}."
-            v = x_img @ state[p + "proj_vis_down.weight"].T
+            v = x_img @ state[p + "proj_vis_down.0.weight"].T
             t = x_txt @ state[p + "proj_txt_down.weight"].T
             v = attn(p + "two_way.cross_attn_img_to_txt.", v, t)
             t = attn(p + "two_way.cross_attn_txt_to_img.", t, v)
@@ -765,6 +772,69 @@ def test_from_released_bad_files(released, vocab, tmp_path):
     assert released_checkpoint_name("Kvasir", percentage=10).startswith("Kvasir_10/")
 
 
+def _full_size_released_backbone_keys() -> dict[str, tuple]:
+    """The frozen part of the released UniMedCLIP ViT-B/16 + BiomedBERT ``CustomCLIP`` state dict,
+    from the official module structure: open_clip's ``VisualTransformer`` (QuickGELU, width 768,
+    12 blocks, patch 16, 224 px, ``proj`` 768 x 512; 8 + 12 x 12 = 152 keys) and open_clip's
+    ``HFTextEncoder`` over BiomedBERT-base built with ``add_pooling_layer=False`` (no pooler; the
+    pinned transformers 4.56 keeps ``position_ids`` / ``token_type_ids`` non-persistent): 5
+    embedding keys, 16 per layer x 12, and the bias-free MLP projection 768 -> 640 -> 512 (199 keys),
+    plus ``logit_scale``."""
+    keys: dict[str, tuple] = {
+        "logit_scale": (),
+        "vision_model.conv1.weight": (768, 3, 16, 16),
+        "vision_model.class_embedding": (768,),
+        "vision_model.positional_embedding": (197, 768),
+        "vision_model.ln_pre.weight": (768,), "vision_model.ln_pre.bias": (768,),
+        "vision_model.ln_post.weight": (768,), "vision_model.ln_post.bias": (768,),
+        "vision_model.proj": (768, 512),
+    }  # fmt: skip
+    for i in range(12):
+        p = f"vision_model.transformer.resblocks.{i}."
+        keys.update({
+            p + "attn.in_proj_weight": (2304, 768), p + "attn.in_proj_bias": (2304,),
+            p + "attn.out_proj.weight": (768, 768), p + "attn.out_proj.bias": (768,),
+            p + "ln_1.weight": (768,), p + "ln_1.bias": (768,),
+            p + "mlp.c_fc.weight": (3072, 768), p + "mlp.c_fc.bias": (3072,),
+            p + "mlp.c_proj.weight": (768, 3072), p + "mlp.c_proj.bias": (768,),
+            p + "ln_2.weight": (768,), p + "ln_2.bias": (768,),
+        })  # fmt: skip
+    e = "text_model.transformer.embeddings."
+    keys.update({e + "word_embeddings.weight": (30522, 768),
+                 e + "position_embeddings.weight": (512, 768),
+                 e + "token_type_embeddings.weight": (2, 768),
+                 e + "LayerNorm.weight": (768,), e + "LayerNorm.bias": (768,)})  # fmt: skip
+    for i in range(12):
+        p = f"text_model.transformer.encoder.layer.{i}."
+        for name in ("query", "key", "value"):
+            keys.update({f"{p}attention.self.{name}.weight": (768, 768),
+                         f"{p}attention.self.{name}.bias": (768,)})  # fmt: skip
+        keys.update({
+            p + "attention.output.dense.weight": (768, 768), p + "attention.output.dense.bias": (768,),
+            p + "attention.output.LayerNorm.weight": (768,),
+            p + "attention.output.LayerNorm.bias": (768,),
+            p + "intermediate.dense.weight": (3072, 768), p + "intermediate.dense.bias": (3072,),
+            p + "output.dense.weight": (768, 3072), p + "output.dense.bias": (768,),
+            p + "output.LayerNorm.weight": (768,), p + "output.LayerNorm.bias": (768,),
+        })  # fmt: skip
+    keys.update({"text_model.proj.0.weight": (640, 768), "text_model.proj.2.weight": (512, 640)})
+    return keys
+
+
+def test_full_size_released_checkpoint_keys_are_all_consumed():
+    released = {**_full_size_released_backbone_keys(), **_released_keys(10, 768, 768, 256, 512)}
+    assert len(released) == 668  # the full-size released state dict
+    with torch.device("meta"):  # no weights allocated: names and shapes only
+        model = MedCLIPSeg(**MedCLIPSeg.released_config(tokenizer=None))
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    converted = convert_released_state_dict(
+        {k: torch.empty(shape, device="meta") for k, shape in released.items()}
+    )
+    # logit_scale is the only key legitimately dropped; every other one lands on a model tensor
+    assert len(converted) == 667 and set(converted) == set(ours)
+    assert {k: tuple(v.shape) for k, v in converted.items()} == ours
+
+
 # ---------------------------------------------------------------------- bad inputs
 def test_bad_inputs(bert_model, vocab):
     x = _pixels(2)
@@ -778,7 +848,7 @@ def test_bad_inputs(bert_model, vocab):
         (lambda: bert_model(x, "a", input_ids=torch.ones(1, 4, dtype=torch.long)),
          "exactly one of prompts or input_ids"),
         (lambda: bert_model(x, input_ids=torch.ones(4, dtype=torch.long)),
-         r"input_ids must have shape \(T, L\)"),
+         r"input_ids must be a \(T, L\) tensor"),
         (lambda: bert_model(x, input_ids=torch.ones(2, 4, dtype=torch.long),
                             attention_mask=torch.ones(2, 5)), r"attention_mask must have the shape"),
         (lambda: bert_model.forward_from_prefix(bert_model.encode_prefix(x, "a"), copies=0),
@@ -803,13 +873,13 @@ def test_bad_inputs(bert_model, vocab):
                                                    "timm_model_pretrained": True}}),
          "timm_model_pretrained must be false"),
         (dict(backbone={"kind": "open_clip", "embed_dim": 16, "vision_cfg": {}, "bert_config": {},
-                        "oops": object()}), "JSON-serialisable"),
+                        "oops": object()}), r"unknown keys \['oops'\]"),
     )  # fmt: skip
     for kwargs, match in bad_configs:
         with pytest.raises(ValueError, match=match):
             MedCLIPSeg(**kwargs)
     with pytest.raises(ValueError, match="must be a dict spec"):
-        build_towers("open_clip")
+        create_towers("open_clip")
 
 
 def test_bgr_channel_order(tok_dir, vocab):
@@ -827,7 +897,8 @@ def test_mc_pairing_across_image_chunks(bert_model):
     # 2 prompts for 3 images: every image gets both prompts, even in a chunk of 2 images
     out = bert_model.predict_with_uncertainty(images, PROMPTS[:2], 2, batch_size=2, sample=False)
     assert [m.shape[0] for m in out.mean] == [2, 2, 2]
-    paired = bert_model.predict_with_uncertainty(images, PROMPTS, 2, batch_size=2, sample=False)
+    per_image = [[p] for p in PROMPTS]  # one list of prompts per image
+    paired = bert_model.predict_with_uncertainty(images, per_image, 2, batch_size=2, sample=False)
     assert [m.shape[0] for m in paired.mean] == [1, 1, 1]
     pixels, _ = bert_model.preprocess(images)
     with torch.no_grad():

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlsegkit.encoders import RunContext, TowerHook, TowerOutput, embed_tower, run_towers
 from vlsegkit.encoders.open_clip import HFBertTextTower, TimmViTTower
 from vlsegkit.models.clipseg import CLIPSeg
 from vlsegkit.prompts import (
@@ -26,10 +27,8 @@ from vlsegkit.prompts import (
     PromptTransformerLayer,
     SharedAttention,
     SharedSeparate,
-    deep_prompt_hook,
-    learner_from_config,
-    prompted_forward,
 )
+from vlsegkit.registry import hook_from_config
 from vlsegkit.testing import write_bert_tokenizer_files
 from vlsegkit.tokenizers import BertTokenizer
 
@@ -51,6 +50,23 @@ def _jitter(module: nn.Module, seed: int) -> None:
 def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return (a.double() - b.double()).abs().max().item()
+
+
+def _prompted(tower, learner, *inputs, features=None, checkpointing=False) -> TowerOutput:
+    """One tower run through the runner with ``learner`` as its only hook."""
+    ctx = RunContext(image_features=features)
+    if features is not None:
+        ctx.text_image_index = torch.arange(features.shape[0])
+    name = tower.modality
+    state = embed_tower(name, tower, *inputs, hooks=[learner], ctx=ctx)
+    run = run_towers(
+        {name: tower},
+        {name: state},
+        hooks=[learner],
+        ctx=ctx,
+        gradient_checkpointing=checkpointing,
+    )
+    return TowerOutput(pooled=tower.pool(run.states[name]), state=run.states[name])
 
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -172,7 +188,7 @@ def test_zero_length_text_context_equals_plain_tower(clipseg, biomed, backend):
     tower, _, (ids, mask) = _text_inputs(backend, clipseg, biomed)
     learner = CoOp(num_context=0, depth=2, init=None).bind(text_tower=tower)
     plain = tower(ids, mask)
-    prompted = prompted_forward(tower, ids, mask, prompts=learner().text)
+    prompted = _prompted(tower, learner, ids, mask)
     assert torch.equal(prompted.pooled, plain.pooled)
     assert prompted.state.pool_index.tolist() == plain.state.pool_index.tolist()
 
@@ -182,7 +198,7 @@ def test_zero_length_vision_prompts_equal_plain_tower(clipseg, biomed, backend):
     tower, (pixels,) = _vision_inputs(backend, clipseg, biomed)
     learner = VPT(num_context=0, depth=2).bind(vision_tower=tower)
     plain = tower(pixels)
-    prompted = prompted_forward(tower, pixels, prompts=learner().vision)
+    prompted = _prompted(tower, learner, pixels)
     assert torch.equal(prompted.pooled, plain.pooled)
     assert torch.equal(tower.dense(prompted.state), tower.dense(plain.state))
 
@@ -217,10 +233,10 @@ def test_coop_clip_text_matches_float64_reference(clipseg, depth):
     ids, mask = _clip_ids(clipseg, TEXTS)
     torch.manual_seed(depth)
     learner = CoOp(num_context=3, depth=depth, init=None, init_std=0.5).bind(text_tower=tower)
-    got = prompted_forward(tower, ids, mask, prompts=learner().text).pooled
+    got = _prompted(tower, learner, ids, mask).pooled
     ref_tower = tower.double()
     try:
-        ref = _clip_text_reference(ref_tower, ids, mask, learner().text)
+        ref = _clip_text_reference(ref_tower, ids, mask, learner.prompts().text)
     finally:
         tower.float()
     assert _diff(got, ref) < 1e-5
@@ -234,8 +250,8 @@ def test_coop_bert_matches_upstream_inputs_embeds(biomed):
     ids, mask = batch.input_ids, batch.attention_mask
     torch.manual_seed(0)
     learner = CoOp(num_context=2, depth=1, init=None, init_std=0.5).bind(text_tower=text)
-    ctx = learner().text[0]
-    got = prompted_forward(text, ids, mask, prompts=[ctx]).pooled
+    ctx = learner.prompts().text[0]
+    got = _prompted(text, learner, ids, mask).pooled
     bert = text.text.transformer
     words = bert.embeddings.word_embeddings(ids)
     embeds = torch.cat([words[:, :1], ctx.expand(len(ids), -1, -1), words[:, 1:]], 1)
@@ -246,21 +262,36 @@ def test_coop_bert_matches_upstream_inputs_embeds(biomed):
 
 
 # ----------------------------------------------------------------------------- depth semantics
-def _record_slots(tower, inputs, prompts, prompt_kw):
+class _Recorder(TowerHook):
+    """Records the prompt slots of every state it sees before each block."""
+
+    towers = ("vision", "text")
+
+    def __init__(self, num_layers):
+        super().__init__()
+        self.num_layers, self.seen = num_layers, []
+
+    def layers(self, tower):
+        return range(self.num_layers)
+
+    def forward(self, i, states, ctx):
+        self.seen.extend(s.prompt_tokens.clone() for s in states.values())
+        return states
+
+
+def _record_slots_with(tower, learner, inputs, features):
     """Prompt slots entering each block, and the slots each block outputs."""
-    entering, leaving = [], []
-
-    def before(i, state):
-        entering.append(state.prompt_tokens.clone())
-        return state
-
-    state = tower.embed(*inputs, **{prompt_kw: prompts[0]})
-    hook = deep_prompt_hook(prompts)
-    for i in range(tower.num_layers):
-        state = before(i, hook(i, state))
-        state = tower.block(i, state)
-        leaving.append(state.prompt_tokens.clone())
-    return entering, leaving
+    name = tower.modality
+    pre, post = _Recorder(tower.num_layers), _Recorder(tower.num_layers)
+    hooks = [pre, learner, post]
+    ctx = RunContext(image_features=features)
+    if features is not None:
+        ctx.text_image_index = torch.arange(features.shape[0])
+    state = embed_tower(name, tower, *inputs, hooks=hooks, ctx=ctx)
+    final = run_towers({name: tower}, {name: state}, hooks=hooks, ctx=ctx).states[name]
+    # pre sees block i - 1's output before the learner acts; post what block i reads
+    leaving = [*pre.seen[1:], final.prompt_tokens]
+    return post.seen, leaving
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -269,16 +300,19 @@ def test_deep_prompts_replaced_below_depth_and_carried_after(clipseg, biomed, na
     learner = _bound(name, clipseg, biomed, backend, depth=2)
     text, _, text_inputs = _text_inputs(backend, clipseg, biomed)
     vision, vision_inputs = _vision_inputs(backend, clipseg, biomed)
-    prompts = learner(_features(learner))
+    features = _features(learner, b=3)
+    prompts = learner.prompts(features)
     checks = []
     if prompts.text is not None:
-        checks.append((text, text_inputs, prompts.text, "context"))
+        deep = prompts.text if features is None else [p[:3] for p in prompts.text]
+        checks.append((text, text_inputs, deep))
     if prompts.vision is not None:
-        checks.append((vision, vision_inputs, prompts.vision, "prompts"))
-    assert checks and len(checks) == len(learner.modalities)
-    for tower, inputs, deep, kw in checks:
+        checks.append((vision, vision_inputs, prompts.vision))
+    assert checks and len(checks) == len(learner.towers)
+    for tower, inputs, deep in checks:
         with torch.no_grad():
-            entering, leaving = _record_slots(tower, inputs, deep, kw)
+            ctx_features = features if tower.modality == "text" else None
+            entering, leaving = _record_slots_with(tower, learner, inputs, ctx_features)
         assert len(deep) == 2 < tower.num_layers
         # block 0 reads the embedded P_0 (positions / pre-LN applied: see the reference tests)
         for i in range(1, tower.num_layers):
@@ -316,7 +350,7 @@ def test_phrase_init_equals_token_embeddings(clipseg, biomed, name, backend):
     assert torch.equal(learner.context[0], table.weight[torch.tensor(ids)])
     assert not torch.allclose(learner.context[1], learner.context[0])  # deeper: Gaussian
     if name == "MaPLe":
-        vision_p0 = learner().vision[0]
+        vision_p0 = learner.prompts().vision[0]
         assert torch.equal(vision_p0, learner.couplings[0](table.weight[torch.tensor(ids)]))
     # bind again (e.g. after training) never re-initialises
     with torch.no_grad():
@@ -330,11 +364,17 @@ def test_phrase_init_errors(clipseg):
     tower, tok = clipseg.text_tower, clipseg.tokenizer
     with pytest.raises(ValueError, match="has 4 tokens but num_context=3"):
         CoOp(num_context=3, init=PHRASE).bind(text_tower=tower, tokenizer=tok)
+    # a longer context starts with the phrase, the rest stays Gaussian
+    long = CoOp(num_context=6, init=PHRASE).bind(text_tower=tower, tokenizer=tok)
+    ids = tok.encode(PHRASE)
+    table = tower.text_model.embeddings.token_embedding.weight
+    assert torch.equal(long.context[0, :4], table[torch.tensor(ids)])
+    assert long.context[0, 4:].abs().max() < 0.2
     with pytest.raises(ValueError, match="needs tokenizer="):
         CoOp(init=PHRASE).bind(text_tower=tower)
     eager = CoOp(num_context=4, init=PHRASE, text_width=32, text_layers=3)
     with pytest.raises(RuntimeError, match="not initialised from its phrase"):
-        eager()
+        eager.prompts()
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -345,7 +385,7 @@ def test_seeded_construction_is_deterministic(clipseg, biomed, name):
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
-    pa, pb = a(_features(a)), b(_features(b))
+    pa, pb = a.prompts(_features(a)), b.prompts(_features(b))
     for x, y in zip(pa.tensors(), pb.tensors()):
         assert torch.equal(x, y)
 
@@ -353,10 +393,13 @@ def test_seeded_construction_is_deterministic(clipseg, biomed, name):
 @pytest.mark.parametrize("name", ALL)
 def test_config_roundtrip_rebuilds_same_shapes(clipseg, biomed, name):
     learner = _bound(name, clipseg, biomed, "bert")
-    clone = learner_from_config(json.loads(json.dumps(learner.config)))
+    clone = hook_from_config(json.loads(json.dumps(learner.config)))
     assert clone.built  # every size is in the config: built eagerly
     clone.load_state_dict(learner.state_dict())
-    for x, y in zip(learner(_features(learner)).tensors(), clone(_features(clone)).tensors()):
+    pairs = zip(
+        learner.prompts(_features(learner)).tensors(), clone.prompts(_features(clone)).tensors()
+    )
+    for x, y in pairs:
         assert torch.equal(x, y)
 
 
@@ -367,7 +410,7 @@ def test_cocoop_meta_net_matches_float64_reference(clipseg):
         text_tower=clipseg.text_tower, vision_tower=clipseg.vision_tower
     )
     f = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
-    got = learner(f).text
+    got = learner.prompts(f).text
     for i, net in enumerate(learner.meta_nets):
         w1, b1 = net.net[0].weight.double(), net.net[0].bias.double()
         w2, g = net.net[2].weight.double(), net.net[3].weight.double()
@@ -379,9 +422,9 @@ def test_cocoop_meta_net_matches_float64_reference(clipseg):
     # one context per image
     assert _diff(got[0][0], got[0][1]) > 1e-3
     with pytest.raises(ValueError, match=r"image_features must have shape \(B, 16\)"):
-        learner(torch.zeros(4, 15))
+        learner.prompts(torch.zeros(4, 15))
     with pytest.raises(ValueError, match="needs image_features"):
-        learner()
+        learner.prompts()
 
 
 def test_cocoop_bert_rows_use_their_own_image_context(biomed):
@@ -392,13 +435,14 @@ def test_cocoop_bert_rows_use_their_own_image_context(biomed):
     )
     batch = tok(["polyp", "tumor"])
     f = torch.randn(2, 16, generator=torch.Generator().manual_seed(2))
-    both = prompted_forward(text, batch.input_ids, batch.attention_mask, prompts=learner(f).text)
+    both = _prompted(text, learner, batch.input_ids, batch.attention_mask, features=f)
     for b in range(2):
-        one = prompted_forward(
+        one = _prompted(
             text,
+            learner,
             batch.input_ids[b : b + 1],
             batch.attention_mask[b : b + 1],
-            prompts=[c[b] for c in learner(f).text],
+            features=f[b : b + 1],
         )
         assert _diff(both.pooled[b : b + 1], one.pooled) < 1e-5
 
@@ -431,7 +475,7 @@ def test_maple_coupling_is_linear_map_of_text_prompts(clipseg):
     learner = MaPLe(depth=3, init=None).bind(
         text_tower=clipseg.text_tower, vision_tower=clipseg.vision_tower
     )
-    out = learner()
+    out = learner.prompts()
     for i, g in enumerate(learner.couplings):
         ref = out.text[i].double() @ g.net.weight.double().T + g.net.bias.double()
         assert out.vision[i].shape == (4, 32)
@@ -444,7 +488,7 @@ def test_shared_separate_linear_layernorm_reference(clipseg, biomed, layernorm):
     learner = SharedSeparate(depth=2, shared_dim=8, layernorm=layernorm).bind(
         text_tower=biomed[0], vision_tower=biomed[1]
     )
-    out = learner()
+    out = learner.prompts()
     for i in range(2):
         p = learner.unified[i].double()
         for proj, got in ((learner.to_text[i], out.text[i]), (learner.to_vision[i], out.vision[i])):
@@ -500,7 +544,7 @@ def test_shared_attention_splits_modalities_and_rejects_bad_heads(clipseg, biome
     learner = SharedAttention(depth=2, num_heads=4, mlp_dim=32, dropout=0.0).bind(
         text_tower=biomed[0], vision_tower=biomed[1]
     )
-    out = learner()
+    out = learner.prompts()
     for i in range(2):
         full = learner.mixers[i](learner.unified[i])
         assert torch.equal(out.text[i], full[:, :32]) and torch.equal(out.vision[i], full[:, 32:])
@@ -516,9 +560,9 @@ def test_shared_attention_dropout_sample_is_shared_by_both_modalities(biomed):
         .train()
     )
     torch.manual_seed(3)
-    first = learner()
+    first = learner.prompts()
     torch.manual_seed(3)
-    again = learner()
+    again = learner.prompts()
     assert torch.equal(first.text[0], again.text[0]) and torch.equal(
         first.vision[0], again.vision[0]
     )
@@ -534,22 +578,18 @@ def test_gradients_reach_prompts_through_frozen_bert_and_timm(biomed, name):
     learner = _bound(name, None, biomed, "bert")
     batch = tok(["polyp", "tumor", "cyst"])
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-    prompts = learner(_features(learner))
+    features = _features(learner)
     loss = 0.0
-    if prompts.text is not None:
-        loss = (
-            loss
-            + prompted_forward(text, batch.input_ids, batch.attention_mask, prompts=prompts.text)
-            .pooled.square()
-            .sum()
-        )
-    if prompts.vision is not None:
-        loss = loss + prompted_forward(vision, pixels, prompts=prompts.vision).pooled.square().sum()
+    if "text" in learner.towers:
+        out = _prompted(text, learner, batch.input_ids, batch.attention_mask, features=features)
+        loss = loss + out.pooled.square().sum()
+    if "vision" in learner.towers:
+        loss = loss + _prompted(vision, learner, pixels).pooled.square().sum()
     loss.backward()
     assert all(p.grad is None for p in (*text.parameters(), *vision.parameters()))
     for pname, p in learner.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
-    first = next(p for n, p in learner.named_parameters() if n in ("context", "prompts", "unified"))
+    first = next(p for n, p in learner.named_parameters() if n in ("context", "tokens", "unified"))
     assert first.grad[0].abs().sum() > 0  # the depth-0 prompts matter
 
 
@@ -561,9 +601,7 @@ def test_gradient_checkpointing_gives_same_gradients(clipseg):
     grads = []
     for ckpt in (False, True):
         learner.zero_grad()
-        out = prompted_forward(
-            tower, ids, mask, prompts=learner().text, gradient_checkpointing=ckpt
-        )
+        out = _prompted(tower, learner, ids, mask, checkpointing=ckpt)
         out.pooled.square().sum().backward()
         grads.append(learner.context.grad.clone())
     assert _diff(grads[0], grads[1]) < 1e-7 and grads[0].abs().sum() > 0
@@ -574,18 +612,13 @@ def test_bf16_autocast_close_to_fp32(clipseg, biomed, name):
     learner = _bound(name, clipseg, biomed, "clip")
     ids, mask = _clip_ids(clipseg, ["polyp"])
     pixels = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    prompts = learner()
 
     def run():
         outs = []
-        if prompts.text is not None:
-            outs.append(
-                prompted_forward(clipseg.text_tower, ids, mask, prompts=prompts.text).pooled
-            )
-        if prompts.vision is not None:
-            outs.append(
-                prompted_forward(clipseg.vision_tower, pixels, prompts=prompts.vision).pooled
-            )
+        if "text" in learner.towers:
+            outs.append(_prompted(clipseg.text_tower, learner, ids, mask).pooled)
+        if "vision" in learner.towers:
+            outs.append(_prompted(clipseg.vision_tower, learner, pixels).pooled)
         return torch.cat(outs, -1)
 
     ref = run()
@@ -604,7 +637,7 @@ def test_bind_errors_name_the_size(clipseg, biomed):
     with pytest.raises(ValueError, match=r"needs \['vision_width', 'vision_layers'\]"):
         MaPLe(init=None).bind(text_tower=clipseg.text_tower)
     with pytest.raises(RuntimeError, match="call bind"):
-        VPT()()
+        VPT().prompts()
     with pytest.raises(ValueError, match="num_context must be an int >= 0"):
         CoOp(num_context=-1)
     with pytest.raises(ValueError, match=r"context must have shape \(B, n, 32\)"):

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from vlsegkit import VLSM
 from vlsegkit.data import SyntheticLesions, collate_prompts
+from vlsegkit.encoders import embed_tower, run_towers
 from vlsegkit.hub import CheckpointError
 from vlsegkit.losses import DiceBCELoss
 from vlsegkit.models.clipseg import CLIPSeg
@@ -24,7 +25,6 @@ from vlsegkit.prompts import (
     SharedSeparate,
     TunedModel,
     load_tuned,
-    prompted_forward,
 )
 from vlsegkit.train import fit
 
@@ -109,7 +109,7 @@ def test_only_learner_and_upsampler_train(base, name):
     tuned = _learner(name).attach(base)
     trainable = dict(tuned.named_parameters())
     trainable = {n: p for n, p in trainable.items() if p.requires_grad}
-    assert trainable and all(n.startswith(("learner.", "upsampler.")) for n in trainable)
+    assert trainable and all(n.startswith(("hooks.0.", "upsampler.")) for n in trainable)
     assert {id(p) for p in tuned.trainable_parameters()} == {id(p) for p in trainable.values()}
     tuned.train()
     assert tuned.learner.training and not tuned.base.training  # frozen base stays in eval
@@ -122,7 +122,7 @@ def test_only_learner_and_upsampler_train(base, name):
     for n, p in trainable.items():
         assert p.grad is not None and torch.isfinite(p.grad).all(), n
     prompts = next(
-        p for n, p in trainable.items() if n.split(".")[1] in ("context", "prompts", "unified")
+        p for n, p in trainable.items() if n.split(".")[2] in ("context", "tokens", "unified")
     )
     assert prompts.grad.abs().sum() > 0  # gradients flow back through the frozen towers
     before = _snapshot(tuned.learner)
@@ -192,9 +192,11 @@ def test_text_context_equals_prompted_text_tower(base):
     tuned = CoOp(depth=2, init_std=0.3).attach(base, upsampler=None)
     pixels, prompts = _pixels(2), ["polyp", "tumor", "cyst"]
     batch = base.tokenizer(prompts, reserve=4)
-    emb = prompted_forward(
-        base.text_tower, batch.input_ids, batch.attention_mask, prompts=tuned.learner().text
-    ).pooled
+    text = embed_tower(
+        "text", base.text_tower, batch.input_ids, batch.attention_mask, hooks=[tuned.learner]
+    )
+    final = run_towers({"text": base.text_tower}, {"text": text}, hooks=[tuned.learner])
+    emb = base.text_tower.pool(final.states["text"])
     expected = base(pixels, conditional_embeddings=emb[None].expand(2, -1, -1)).logits
     got = tuned(pixels, prompts).logits
     assert got.shape == (2, 3, 64, 64)
@@ -202,24 +204,58 @@ def test_text_context_equals_prompted_text_tower(base):
     assert _diff(got, base(pixels, prompts).logits) > 1e-3
 
 
-@pytest.mark.parametrize("decoder_sees_prompts", [False, True])
+def _released_vpt_loop(vision, pixels, deep, extract_layers):
+    """TuneVLSeg's released CLIPSeg vision loop, re-stated: prompts appended after the patches before
+    the pre-LayerNorm; after block ``idx`` (1-indexed) < J the prompt slots are overwritten with
+    ``P_idx`` *before* the hidden state is stored; the decoder reads the stored states."""
+    model = vision.vision_model
+    emb = model.embeddings
+    x = emb.patch_embedding(pixels).flatten(2).transpose(1, 2)
+    x = torch.cat([emb.class_embedding.expand(len(x), 1, -1), x], 1) + emb.position_embedding.weight
+    n = deep[0].shape[0]
+    x = torch.cat([x, deep[0].expand(len(x), -1, -1)], 1)
+    x = model.pre_layrnorm(x)
+    hidden = [x]
+    for idx, layer in enumerate(model.encoder.layers, start=1):
+        out = layer(x, None)
+        x = out[0] if isinstance(out, tuple) else out
+        if idx < len(deep):
+            x = torch.cat([x[:, :-n], deep[idx].expand(len(x), -1, -1)], 1)
+        hidden.append(x)
+    # the decoder reads [CLS, patches, prompts]; move the prompts after CLS (vlsegkit's layout,
+    # which attention does not see: no position embedding, no mask)
+    return [torch.cat([h[:, :1], h[:, -n:], h[:, 1:-n]], 1) for h in
+            (hidden[i + 1] for i in extract_layers)]  # fmt: skip
+
+
+@pytest.mark.parametrize("decoder_sees_prompts", [False, True, "released"])
 def test_vision_prompts_reference(base, decoder_sees_prompts):
     tuned = VPT(depth=2, init_std=0.5, decoder_sees_prompts=decoder_sees_prompts).attach(
         base, upsampler=None
     )
     pixels = _pixels(2)
     vision = base.vision_tower
-    out = prompted_forward(
-        vision, pixels, prompts=tuned.learner().vision, output_hidden_states=True
-    )
+    state = embed_tower("vision", vision, pixels, hooks=[tuned.learner])
+    deep = tuned.learner.prompts().vision
     n = tuned.learner.num_context
-    acts = [out.hidden_states[i + 1] for i in base.extract_layers]
+    x = state  # the deep-prompt loop written out
+    outs = []
+    for i in range(vision.num_layers):
+        if 1 <= i < len(deep):
+            x = x.set_prompts(deep[i])
+        x = vision.block(i, x)
+        outs.append(x.tokens)
+    acts = [outs[i] for i in base.extract_layers]
     start = 1 + n
-    if not decoder_sees_prompts:  # the decoder reads [CLS, patches], as without prompts
+    if decoder_sees_prompts is False:  # the decoder reads [CLS, patches], as without prompts
         acts, start = [torch.cat([a[:, :1], a[:, 1 + n :]], 1) for a in acts], 1
+    elif decoder_sees_prompts == "released":
+        acts = _released_vpt_loop(vision, pixels, deep, base.extract_layers)
     cond = base.encode_text(["polyp"])
-    expected = base.decoder(acts, cond.expand(2, -1), grid=out.state.grid, content_start=start)
-    assert _diff(tuned(pixels, "polyp").logits, expected) < 1e-5
+    with torch.no_grad():
+        expected = base.decoder(acts, cond.expand(2, -1), grid=state.grid, content_start=start)
+        got = tuned(pixels, "polyp").logits
+    assert _diff(got, expected) < 1e-5
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -238,7 +274,7 @@ def test_multi_class_prompts_share_the_context(base, name):
 
 def test_decoder_features_are_the_upsampler_input(base):
     out = base(_pixels(2), ["polyp", "tumor", "cyst"], output_decoder_features=True)
-    feats = out.extras["decoder_features"]
+    feats = out.decoder_features
     assert feats.shape == (2, 3, base.decoder_feature_dim, 8, 8)
     rebuilt = base.decoder.transposed_convolution(feats.flatten(0, 1)).view_as(out.logits)
     assert _diff(rebuilt, out.logits) < 1e-6
@@ -247,8 +283,8 @@ def test_decoder_features_are_the_upsampler_input(base):
 def test_upsampler_joins_the_decoder_output(base):
     tuned = VPT(depth=2).attach(base, upsampler=LearnableUpsampler(8, init_factor=0.25))
     pixels = _pixels(2)
-    plain = base(pixels, "polyp", prompter=tuned.learner, output_decoder_features=True)
-    extra = tuned.upsampler.branch(plain.extras["decoder_features"].flatten(0, 1), (64, 64))
+    plain = base(pixels, "polyp", hooks=[tuned.learner], output_decoder_features=True)
+    extra = tuned.upsampler.branch(plain.decoder_features.flatten(0, 1), (64, 64))
     expected = plain.logits + 0.25 * extra.view_as(plain.logits)
     assert _diff(tuned(pixels, "polyp").logits, expected) < 1e-5
 
@@ -301,12 +337,12 @@ def test_save_stores_only_learner_and_load_restores(base, base_dir, tmp_path, na
             p.add_(0.05 * torch.randn_like(p))  # "trained" values, unlike any initialisation
     tuned.save_pretrained(tmp_path)
     stored = load_file(tmp_path / "model.safetensors")
-    assert stored and all(k.startswith(("learner.", "upsampler.")) for k in stored)
+    assert stored and all(k.startswith(("hooks.0.", "upsampler.")) for k in stored)
     assert sum(v.numel() for v in stored.values()) == tuned.num_parameters(trainable_only=True)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model_type"] == "prompt-tuned"
-    assert config["base"]["name_or_path"] == str(base_dir)
-    assert config["learner"]["name"] == name
+    assert config["model_type"] == "tuned"
+    assert config["base"]["name_or_path"] == str(base_dir.resolve())
+    assert [h["name"] for h in config["hooks"]] == [name]
     pixels, prompts = _pixels(2), ["polyp", "tumor"]
     tuned.eval()
     expected = tuned(pixels, prompts).logits
@@ -357,24 +393,24 @@ def test_corrupt_learner_weights_fail(base, tmp_path):
     from safetensors.torch import save_file
 
     stored = load_file(tmp_path / "model.safetensors")
-    stored["learner.prompts"] = stored["learner.prompts"][:1]
+    stored["hooks.0.tokens"] = stored["hooks.0.tokens"][:1]
     save_file(stored, str(tmp_path / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"learner.prompts: checkpoint \(1, 4, 32\)"):
+    with pytest.raises(CheckpointError, match=r"hooks.0.tokens: checkpoint \(1, 4, 32\)"):
         TunedModel.from_pretrained(tmp_path)
 
 
 # ------------------------------------------------------------------------------ bad inputs
 def test_bad_uses_raise_clear_errors(base):
     cocoop = CoCoOp().attach(base)
-    with pytest.raises(ValueError, match="needs text conditions"):
+    with pytest.raises(ValueError, match="need text conditions"):
         cocoop(_pixels(2), conditional_embeddings=torch.zeros(2, 16))
     with pytest.raises(ValueError, match="built for text_width=48"):
         CoOp(init=None, text_width=48, text_layers=2).attach(base)
     with pytest.raises(ValueError, match="depth=3 exceeds the 2 blocks of the text tower"):
         MaPLe(depth=3).attach(base)
-    with pytest.raises(TypeError, match="learner must be a ContextLearner"):
+    with pytest.raises(TypeError, match="hooks must be TowerHook instances"):
         TunedModel(base, torch.nn.Linear(2, 2))
-    with pytest.raises(CheckpointError, match="is not a prompt-tuned model"):
+    with pytest.raises(CheckpointError, match="is not a tuned model"):
         TunedModel.from_pretrained(base.name_or_path)
-    with pytest.raises(ValueError, match=r"pixel_values must be \(B, 3, H, W\)"):
+    with pytest.raises(ValueError, match=r"pixel_values must have shape \(B, 3, H, W\)"):
         CoOp().attach(base)(torch.zeros(3, 64, 64), "polyp")

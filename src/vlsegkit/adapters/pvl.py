@@ -9,7 +9,7 @@ noise from ``ctx.generators`` (one generator per copy).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 from ..encoders.base import TokenState
@@ -105,6 +105,9 @@ class PVLAdapters(TowerHook):
 
     def __len__(self) -> int:
         return len(self.slot)
+
+    def __iter__(self) -> Iterator[PVLAdapter]:
+        return (self[n] for n in range(len(self.slot)))
 
     @property
     def adapter_layers(self) -> tuple[int, ...]:

@@ -85,6 +85,8 @@ class MedCLIPSegPrefix:
         image_size: ``(H, W)`` of the input pixels (the logits' resolution).
         hooks: every hook of the pass (the model's PVL adapters, its own hooks, the call's).
         ctx: the pass's :class:`~vlsegkit.encoders.RunContext` (memoised prompts).
+        text_key_mask: ``(T, M)`` bool padding mask the adapters apply to text keys, or None when
+            they attend to every text position (the released 256-token padding).
     """
 
     vision: TokenState
@@ -94,11 +96,7 @@ class MedCLIPSegPrefix:
     image_size: tuple[int, int]
     hooks: tuple[TowerHook, ...] = ()
     ctx: RunContext | None = None
-
-    @property
-    def text_key_mask(self) -> Tensor | None:
-        """``(T, M)`` padding mask the adapters apply to text keys (None: attend to all)."""
-        return self.text.attention_mask
+    text_key_mask: Tensor | None = None
 
 
 def _keeps(hooks: Sequence[TowerHook], tower: str) -> list[int]:
@@ -289,7 +287,7 @@ class MedCLIPSeg(VLSM):
                 self._tokenizer = load_tokenizer(
                     self.tokenizer_name, context_length=self.context_length
                 )
-            elif self._spec.has_bert_text:
+            elif isinstance(self._spec, OpenCLIPSpec) and self._spec.has_bert_text:
                 raise ValueError(
                     "this MedCLIPSeg has a BERT text tower but no tokenizer: build it with "
                     f"tokenizer=<folder or Hub id, e.g. {BIOMEDBERT_ID!r}>, assign model.tokenizer, "
@@ -412,6 +410,11 @@ class MedCLIPSeg(VLSM):
             image_size=(int(pixel_values.shape[-2]), int(pixel_values.shape[-1])),
             hooks=hooks,
             ctx=ctx,
+            text_key_mask=(
+                text.attention_mask.bool()
+                if self.pvl_adapters.mask_text_padding and text.attention_mask is not None
+                else None
+            ),
         )
 
     def forward_from_prefix(

@@ -155,7 +155,7 @@ class TunedModel(VLSM):
                 f"{type(base).__name__} has no hook slots: prompt learners and adapters cannot act "
                 "inside it"
             )
-        if isinstance(hooks, (TowerHook, dict)):
+        if isinstance(hooks, (TowerHook, dict)) or not isinstance(hooks, (list, tuple)):
             hooks = [hooks]
         built = [hook_from_config(h) if isinstance(h, dict) else h for h in hooks]
         if not built or not all(isinstance(h, TowerHook) for h in built):
