@@ -6,7 +6,8 @@ binary entropy of that mean is the uncertainty map (section 3.2). This script
 
 1. builds the random ``medclipseg-tiny`` (offline: open_clip towers, bundled CLIP tokenizer) -- or
    loads a saved vlsegkit MedCLIPSeg folder with ``--model``;
-2. trains its adapters and head for ``--steps`` steps on ``SyntheticLesions`` with the paper's loss
+2. trains its adapters and head for ``--steps`` steps on ``SyntheticLesions`` with
+   :func:`vlsegkit.train.fit`, whose default task for MedCLIPSeg is the paper's loss
    ``0.5 Dice + 0.5 BCE + 0.1 L_SoftCon`` (the towers stay frozen; they are random here, so the
    adapters and head carry all the learning);
 3. runs ``predict_with_uncertainty`` on held-out images and writes, per image, one PNG with
@@ -24,8 +25,9 @@ from pathlib import Path
 import torch
 
 import vlsegkit
-from vlsegkit.data import SyntheticLesions, collate_prompts
-from vlsegkit.models.medclipseg import MedCLIPSeg, MedCLIPSegLoss
+from vlsegkit.data import SyntheticLesions
+from vlsegkit.models import MedCLIPSeg
+from vlsegkit.train import fit
 from vlsegkit.viz import apply_colormap, panel, save_image
 
 
@@ -62,25 +64,29 @@ def main(argv: list[str] | None = None) -> dict:
 
     train = SyntheticLesions(length=args.train_size, image_size=size, seed=args.seed,
                              mean=model.image_mean, std=model.image_std)  # fmt: skip
-    criterion = MedCLIPSegLoss()
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=args.lr)
-    model.train()
-    order = torch.Generator().manual_seed(args.seed)
-    for step in range(args.steps):
-        idx = torch.randint(len(train), (args.batch_size,), generator=order).tolist()
-        batch = collate_prompts([train[i] for i in idx])
-        loss = criterion(model(batch["image"], batch["prompt"]), batch["mask"])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % 50 == 0 or step == args.steps - 1:
-            print(f"step {step:4d}  loss {loss.item():.4f}")
+    history = fit(
+        model,
+        train,
+        max_steps=args.steps,
+        epochs=args.steps,  # max_steps ends the run
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=0.0,
+        seed=args.seed,
+        log_fn=lambda r: (
+            print(f"step {r['step']:4d}  loss {r['loss']:.4f}")
+            if "lr" in r and (r["step"] % 50 == 1 or r["step"] == args.steps)
+            else None
+        ),
+    )
+    loss = history.train_terms[-1]
 
     test = SyntheticLesions(length=args.images, image_size=size, seed=args.seed + 1)
     items = [test[i] for i in range(args.images)]
     images = [item["image"] for item in items]  # raw [0, 1]; predict normalises
     prompts = [item["prompt"] for item in items]
-    result = model.predict_with_uncertainty(images, prompts, args.samples, seed=args.seed)
+    per_image = [[p] for p in prompts]  # each image with its own prompt
+    result = model.predict_with_uncertainty(images, per_image, args.samples, seed=args.seed)
 
     out = Path(args.out)
     paths, dices = [], []
@@ -104,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{args.samples}-sample MC Dice on {args.images} held-out images: {mean_dice:.3f}")
     print("columns: image | ground truth | mean probability | mask | uncertainty | epistemic")
     print("\n".join(str(p) for p in paths))
-    return {"dice": mean_dice, "paths": paths, "loss": loss.item()}
+    print("last epoch's loss terms: " + ", ".join(f"{k} {v:.4f}" for k, v in loss.items()))
+    return {"dice": mean_dice, "paths": paths, "loss": loss["loss"]}
 
 
 if __name__ == "__main__":

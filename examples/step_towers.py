@@ -5,7 +5,8 @@ builds a tiny random CLIPSeg (no download), then
 
 1. reproduces the tower's pooled embedding by stepping it by hand,
 2. inserts four learnable prompt tokens after CLS (VPT-style) and shows the patch grid is unchanged,
-3. uses a hook to record the norm of the residual stream after every block.
+3. writes a tiny hook (:class:`vlsegkit.TowerHook`) that records the norm of the residual stream
+   before every block, and runs the tower through the one layer loop with it.
 
 Run: ``python examples/step_towers.py``
 """
@@ -15,6 +16,24 @@ from __future__ import annotations
 import torch
 
 import vlsegkit
+
+
+class NormRecorder(vlsegkit.TowerHook):
+    """A hook on the vision tower acting before every block: it records, and changes nothing."""
+
+    towers = ("vision",)
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__()
+        self.num_layers = num_layers
+        self.norms: list[float] = []
+
+    def layers(self, tower: str) -> range:
+        return range(self.num_layers)
+
+    def forward(self, i, states, ctx):
+        self.norms.append(states["vision"].tokens.norm(dim=-1).mean().item())
+        return states
 
 
 def main() -> None:
@@ -39,14 +58,9 @@ def main() -> None:
             f"content tokens {tuple(prompted.content_tokens.shape)}, grid {prompted.grid}"
         )
 
-        norms = []
-
-        def record(i: int, s: vlsegkit.TokenState) -> vlsegkit.TokenState:
-            norms.append(s.tokens.norm(dim=-1).mean().item())
-            return s
-
-        vision(pixels, hooks=record)
-        print("mean token norm before each block:", [f"{n:.2f}" for n in norms])
+        recorder = NormRecorder(vision.num_layers)
+        vision(pixels, hooks=[recorder])  # embed, the runner with the hook, pool
+        print("mean token norm before each block:", [f"{n:.2f}" for n in recorder.norms])
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import io
 import json
 import math
+import sys
 import zlib
 from dataclasses import dataclass
 
@@ -272,7 +274,7 @@ def test_autocast_training_step(dtype):
     assert result["loss"] == pytest.approx(evaluate(model, data)["loss"], abs=0.02)
 
 
-def test_log_fn_max_steps_and_progress(capsys):
+def test_log_fn_max_steps_and_progress(capsys, monkeypatch):
     records = []
     model = TinySeg()
     history = fit(
@@ -284,8 +286,18 @@ def test_log_fn_max_steps_and_progress(capsys):
     assert all(r["lr"] == 1e-3 and r["epoch"] == 0 for r in step_logs)
     assert records[-1] == {"step": 3, "epoch": 0, "train_loss": history.train_loss[0]}
     assert capsys.readouterr().err == ""
+    # progress bars only on a terminal: none in logs, even with progress=True
     fit(model, loader(4, 4, size=16), progress=True)
-    assert "epoch 1/1" in capsys.readouterr().err
+    assert capsys.readouterr().err == ""
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    fit(model, loader(4, 4, size=16), progress=True)
+    assert "epoch 1/1" in terminal.getvalue()
 
 
 class WrongShape(TinySeg):
@@ -520,14 +532,14 @@ def test_bad_arguments_v2(tmp_path):
     cases = [
         (dict(scheduler="linear"), "scheduler must be 'cosine', 'plateau'"),
         (dict(scheduler="plateau", warmup_steps=2), "warmup_steps is only supported"),
-        (dict(warmup_steps=-1), "warmup_steps must be >= 0"),
+        (dict(warmup_steps=-1), "warmup_steps must be an int >= 0"),
         (dict(min_lr_ratio=1.5), "min_lr_ratio"),
         (dict(scheduler_interval="batch"), "scheduler_interval"),
         (dict(checkpoint_every=2), "checkpoint_every needs checkpoint_dir"),
-        (dict(checkpoint_every=0, checkpoint_dir=tmp_path), "checkpoint_every must be >= 1"),
+        (dict(checkpoint_every=0, checkpoint_dir=tmp_path), "checkpoint_every must be an int >= 1"),
         (dict(resume=True), "resume=True needs checkpoint_dir"),
         (dict(resume=3), "resume must be a bool or a checkpoint path"),
-        (dict(batch_size=0), "batch_size must be >= 1"),
+        (dict(batch_size=0), "batch_size must be an int >= 1"),
         (dict(num_workers=-1), "num_workers"),
         (dict(tensorboard=True), "tensorboard=True needs log_dir"),
         (dict(monitor="val_dice"), r"monitor 'val_dice' .*\['train_loss'\]"),

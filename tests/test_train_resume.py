@@ -128,7 +128,7 @@ CONFIGS = {
             lr=1e-2,
             scheduler="plateau",
             autocast_dtype=torch.float16,
-            loss_fn=amplified_loss,
+            loss=amplified_loss,
             checkpoint_every=2,
         ),
         stop=5,  # last checkpoint at step 4: epoch 1, 1 of 3 batches done

@@ -474,9 +474,7 @@ def _cmd_train(opts: argparse.Namespace) -> int:
 
 
 def _fit_options(opts: argparse.Namespace, val_set) -> dict[str, Any]:
-    """``fit`` keyword arguments from the options; an option this ``fit`` lacks must stay default."""
-    import inspect
-
+    """``fit`` keyword arguments from the options (the model's own task: its paper's loss)."""
     from . import train
 
     out = Path(opts.out)
@@ -497,25 +495,21 @@ def _fit_options(opts: argparse.Namespace, val_set) -> dict[str, Any]:
         wanted["early_stopping"] = train.EarlyStopping(metric=metric, patience=opts.early_stopping)
     if opts.resume and not opts.checkpoints:
         raise CLIError("--resume needs checkpoints (drop --no-checkpoints)")
-    accepted = inspect.signature(train.fit).parameters
-    unsupported = [
-        k for k, v in wanted.items() if k not in accepted and v not in (None, False, 0, 0.0)
-    ]
-    # Keys that only carry where-to-write defaults are dropped silently for an older fit().
-    unsupported = [k for k in unsupported if k not in ("log_dir", "checkpoint_dir", "seed")]
-    if unsupported:
-        flags = ", ".join(f"--{k.replace('_', '-')}" for k in unsupported)
-        raise CLIError(f"{flags}: not supported by this vlsegkit's train.fit")
-    return {k: v for k, v in wanted.items() if k in accepted}
+    return wanted
 
 
 def _epoch_printer(epochs: int) -> Callable[[dict[str, float]], None]:
     def log(record: dict[str, float]) -> None:
         if "train_loss" not in record:  # per-step records
             return
+        terms = "".join(
+            f"  {k[6:]} {v:.4f}"
+            for k, v in record.items()
+            if k.startswith("train_") and k != "train_loss"
+        )
         val = "".join(f"  {k[4:]} {record[k]:.4f}" for k in ("val_dice", "val_iou") if k in record)
         print(f"epoch {int(record['epoch']) + 1}/{epochs}: train loss "
-              f"{record['train_loss']:.4f}{val}", flush=True)  # fmt: skip
+              f"{record['train_loss']:.4f}{terms}{val}", flush=True)  # fmt: skip
 
     return log
 
@@ -616,22 +610,23 @@ def _chw(x: Any, name: str, n_prompts: int):
 
 def _predict_maps(model, images: list, prompts: list[str], opts: argparse.Namespace):
     """Per image: ``(probabilities (C, H, W), entropy (C, H, W) or None)`` at the image's size."""
-    sampler = getattr(model, "predict_with_uncertainty", None)
-    if opts.samples is not None and (sampler is None or not opts.uncertainty):
-        why = "it is not probabilistic" if sampler is None else "--no-uncertainty was given"
+    from .models.capabilities import SupportsUncertainty
+
+    stochastic = isinstance(model, SupportsUncertainty)
+    if opts.samples is not None and (not stochastic or not opts.uncertainty):
+        why = "it is not probabilistic" if not stochastic else "--no-uncertainty was given"
         raise CLIError(f"--samples: {opts.model} draws no Monte Carlo samples ({why})")
-    # One image per call: with as many prompts as images, some models would pair them one to one
-    # instead of applying every prompt to every image.
-    if sampler is None or not opts.uncertainty:
+    if not stochastic or not opts.uncertainty:
         return [
             (_chw(model.predict(im, prompts), "probabilities", len(prompts)), None) for im in images
         ]
-    import inspect
-
-    kwargs: dict[str, Any] = {} if opts.samples is None else {"samples": opts.samples}
-    if "seed" in inspect.signature(sampler).parameters:
-        kwargs["seed"] = opts.seed
-    return [_uncertainty_maps(sampler(im, prompts, **kwargs), len(prompts)) for im in images]
+    kwargs: dict[str, Any] = {"seed": opts.seed}
+    if opts.samples is not None:
+        kwargs["samples"] = opts.samples
+    return [
+        _uncertainty_maps(model.predict_with_uncertainty(im, prompts, **kwargs), len(prompts))
+        for im in images
+    ]
 
 
 def _cmd_predict(opts: argparse.Namespace) -> int:

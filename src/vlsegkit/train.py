@@ -861,6 +861,8 @@ def _task_for(model: nn.Module, task: Task | None, loss: Any) -> Task:
 
 
 def _check_loader(loader: Any, name: str) -> None:
+    if isinstance(loader, Dataset):
+        return
     if isinstance(loader, (str, bytes, os.PathLike, Tensor)) or not isinstance(loader, Iterable):
         raise TypeError(
             f"{name} must be a DataLoader, an iterable of batches or a Dataset, got "

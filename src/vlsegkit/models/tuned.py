@@ -42,7 +42,7 @@ from ..hub import (
 )
 from ..layers.upsampler import LearnableUpsampler
 from ..registry import hook_from_config
-from .base import VLSM, ImageInput
+from .base import VLSM
 from .capabilities import SupportsDecoderFeatures, SupportsHooks
 from .outputs import SegmentationOutput
 
@@ -180,6 +180,11 @@ class TunedModel(VLSM):
         self.register_load_state_dict_pre_hook(_remember_prefix)
         self.register_load_state_dict_post_hook(_ignore_missing_base_keys)
         self.base.eval()
+        from ..uncertainty import SupportsMonteCarlo
+
+        if isinstance(base, SupportsMonteCarlo) and self.upsampler is None:
+            # a stochastic base: the tuned model offers Monte Carlo inference too
+            self.__class__ = _StochasticTunedModel
 
     @staticmethod
     def _make_upsampler(base: VLSM, upsampler) -> LearnableUpsampler | None:
@@ -276,50 +281,6 @@ class TunedModel(VLSM):
         logits = self.upsampler(out.logits, out.decoder_features)
         return dataclasses.replace(out, logits=logits)
 
-    # Monte Carlo inference passes through to a stochastic base, with the hooks
-    def is_sampling(self, sample: bool | None) -> bool:
-        return self._mc_base().is_sampling(sample)
-
-    def encode_prefix(self, pixel_values: Tensor, prompts: Any, **kwargs: Any):
-        return self._mc_base().encode_prefix(pixel_values, prompts, hooks=self.hooks, **kwargs)
-
-    def forward_from_prefix(self, prefix: Any, **kwargs: Any):
-        return self._mc_base().forward_from_prefix(prefix, **kwargs)
-
-    def _mc_base(self) -> Any:
-        from ..uncertainty import SupportsMonteCarlo
-
-        if not isinstance(self.base, SupportsMonteCarlo) or self.upsampler is not None:
-            raise TypeError(
-                f"Monte Carlo inference needs a stochastic base without an upsampler; "
-                f"{type(self.base).__name__} is not one"
-            )
-        return self.base
-
-    def predict_with_uncertainty(self, images: Any, prompts: Any, samples: int = 30, **kwargs: Any):
-        """Monte Carlo maps of a stochastic base (e.g. MedCLIPSeg) run with the hooks; see
-        :func:`vlsegkit.uncertainty.monte_carlo_predict`."""
-        from ..uncertainty import monte_carlo_predict
-
-        self._mc_base()
-        return monte_carlo_predict(self, images, prompts, samples, **kwargs)
-
-    @torch.no_grad()
-    def predict(
-        self,
-        images: ImageInput | Sequence[ImageInput],
-        prompts: str | Sequence[str] | Sequence[Sequence[str]],
-        **kwargs: Any,
-    ) -> Tensor | list[Tensor]:
-        """Probabilities at each image's original size (Monte Carlo mean for stochastic bases);
-        prompts and options as the base's ``predict``."""
-        from ..uncertainty import SupportsMonteCarlo
-
-        if isinstance(self.base, SupportsMonteCarlo) and self.upsampler is None:
-            samples = kwargs.pop("samples", 30)
-            return self.predict_with_uncertainty(images, prompts, samples, **kwargs).mean
-        return super().predict(images, prompts, **kwargs)
-
     # ------------------------------------------------------------------ Hub I/O
     @classmethod
     def from_pretrained(
@@ -377,6 +338,34 @@ class TunedModel(VLSM):
         weights = resolve_file(id_or_path, SAFETENSORS_NAME, revision=revision, **hub_kwargs)
         load_state_dict_strict(model, load_checkpoint_file(weights), source=str(weights))
         return model._mark_source(id_or_path, revision).eval()
+
+
+class _StochasticTunedModel(TunedModel):
+    """A :class:`TunedModel` over a stochastic base (e.g. MedCLIPSeg): Monte Carlo inference with
+    the hooks (:class:`~vlsegkit.uncertainty.SupportsMonteCarlo`,
+    :class:`~vlsegkit.models.capabilities.SupportsUncertainty`)."""
+
+    def is_sampling(self, sample: bool | None) -> bool:
+        return self.base.is_sampling(sample)
+
+    def encode_prefix(self, pixel_values: Tensor, prompts: Any, **kwargs: Any):
+        hooks = [*self.hooks, *kwargs.pop("hooks", ())]
+        return self.base.encode_prefix(pixel_values, prompts, hooks=hooks, **kwargs)
+
+    def forward_from_prefix(self, prefix: Any, **kwargs: Any):
+        return self.base.forward_from_prefix(prefix, **kwargs)
+
+    def predict_with_uncertainty(self, images: Any, prompts: Any, samples: int = 30, **kwargs: Any):
+        """Monte Carlo maps of the base run with the hooks; see
+        :func:`vlsegkit.uncertainty.monte_carlo_predict`."""
+        from ..uncertainty import monte_carlo_predict
+
+        return monte_carlo_predict(self, images, prompts, samples, **kwargs)
+
+    @torch.no_grad()
+    def predict(self, images: Any, prompts: Any, *, samples: int = 30, **kwargs: Any):
+        """Mean Monte Carlo probability per image at its original size."""
+        return self.predict_with_uncertainty(images, prompts, samples, **kwargs).mean
 
 
 def load_tuned(id_or_path: str | os.PathLike, **kwargs: Any) -> TunedModel:
