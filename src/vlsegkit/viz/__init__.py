@@ -1,6 +1,7 @@
-"""Pictures of predictions: mask overlays, heat maps, side-by-side panels, reliability diagrams.
+"""Pictures of predictions: mask overlays, heat maps, panels, contact sheets, reliability diagrams.
 
-Overlays, colour maps and panels need only numpy and Pillow. ``reliability_diagram`` draws with
+Overlays, colour maps, panels and sheets need only numpy and Pillow (text is drawn in Pillow's
+bundled default font: no font file). ``reliability_diagram`` draws with
 matplotlib, an optional extra (``pip install "vlsegkit[viz]"``); the numbers behind it
 (``calibration_curve``) need numpy only.
 
@@ -11,7 +12,8 @@ write as PNG. Normalised network inputs must be de-normalised first: float image
 are refused rather than silently clipped.
 
 Everything is importable from ``vlsegkit.viz``; the submodules only group the code:
-``vlsegkit.viz.images`` (conversion, overlays, colour maps, panels, files) and
+``vlsegkit.viz.images`` (conversion, overlays, colour maps, panels, files),
+``vlsegkit.viz.sheets`` (overlay sheets across the score range, uncertainty sheets) and
 ``vlsegkit.viz.calibration`` (calibration statistics, reliability diagram).
 """
 
@@ -29,6 +31,14 @@ from .images import (
     save_image,
     to_rgb_uint8,
 )
+from .sheets import (
+    RankedExample,
+    dice_per_image,
+    overlay_sheet,
+    save_overlay_sheet,
+    select_examples,
+    uncertainty_sheet,
+)
 
 __all__ = [
     "COLORMAPS",
@@ -36,13 +46,19 @@ __all__ = [
     "FP_COLOR",
     "TP_COLOR",
     "Calibration",
+    "RankedExample",
     "apply_colormap",
     "calibration_curve",
+    "dice_per_image",
     "heatmap_overlay",
     "overlay_mask",
     "overlay_prediction",
+    "overlay_sheet",
     "panel",
     "reliability_diagram",
     "save_image",
+    "save_overlay_sheet",
+    "select_examples",
     "to_rgb_uint8",
+    "uncertainty_sheet",
 ]

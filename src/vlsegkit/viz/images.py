@@ -368,12 +368,23 @@ def panel(
 def save_image(image: Any, path: str | os.PathLike) -> Path:
     """Write an image (RGB, or an ``(H, W)`` bool / uint8 mask as greyscale 0/255) to ``path``.
 
-    The format follows the suffix (PNG recommended: lossless). Parent folders are created.
+    The format follows the suffix (PNG recommended: lossless). Parent folders are created. The
+    file is written under a temporary name in the same folder and then renamed over ``path``
+    (``os.replace``), so an interrupted write never leaves a truncated picture.
+
+    Raises:
+        ValueError: the suffix is not an image format Pillow can write.
     """
     from PIL import Image
 
+    from ..hub import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f"path must end with an image suffix such as .png, got {str(path)!r}")
+    if isinstance(image, Image.Image) and image.mode in ("RGB", "L"):
+        return atomic_write(path, lambda tmp: image.save(tmp, format=fmt))
     arr = _to_numpy(image)
     if arr.ndim == 2 and arr.dtype == bool:
         pil = Image.fromarray(arr.astype(np.uint8) * 255, mode="L")
@@ -381,5 +392,4 @@ def save_image(image: Any, path: str | os.PathLike) -> Path:
         pil = Image.fromarray(arr, mode="L")
     else:
         pil = Image.fromarray(to_rgb_uint8(arr))
-    pil.save(path)
-    return path
+    return atomic_write(path, lambda tmp: pil.save(tmp, format=fmt))
