@@ -685,3 +685,146 @@ def test_uncertainty_sheet_prompt_wraps_and_bad_inputs():
         viz.uncertainty_sheet(image, *maps[:3], np.zeros((8, 8)))
     with pytest.raises(ValueError, match="entropy must be finite"):
         viz.uncertainty_sheet(image, maps[0], np.full((16, 16), math.nan), *maps[2:])
+
+
+# --------------------------------------------------------------------------- training curves
+def _epoch_records(epochs: int = 6) -> list[dict]:
+    records = []
+    for e in range(epochs):
+        records.append({"step": 4 * e + 2, "epoch": e, "loss": 0.9, "lr": 1e-3})  # a step record
+        records.append(
+            {
+                "step": 4 * (e + 1),
+                "epoch": e,
+                "train_loss": 1.0 / (e + 1),
+                "train_dice": 0.6 / (e + 1),
+                "train_softcon": 0.2 / (e + 1),
+                "val_dice": 0.1 + 0.1 * e,
+                "val_loss": None if e == 2 else 0.9 - 0.1 * e,  # fit writes NaN as null
+                "note": "text values are not curves",
+            }
+        )
+    return records
+
+
+def test_read_epoch_records_from_jsonl_and_lists(tmp_path):
+    import json
+
+    records = _epoch_records(3)
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps(r) for r in records] + ['{"step": 13, "epoch": 3, "train_lo']  # cut off
+    path.write_text("\n".join(lines) + "\n\n", encoding="utf-8")
+    with pytest.warns(UserWarning, match="skipped 1 unreadable line"):
+        read = viz.read_epoch_records(path)
+    assert [r["epoch"] for r in read] == [0, 1, 2]
+    assert read[0] == records[1]
+    assert math.isnan(read[2]["val_loss"])
+    from_list = viz.read_epoch_records(records)  # e.g. fit(..., log_fn=records.append)
+    assert from_list[:2] == read[:2] and math.isnan(from_list[2]["val_loss"])
+    assert from_list[2] is not records[5]  # new dicts: the caller's records are not changed
+    assert records[5]["val_loss"] is None
+    with pytest.raises(ValueError, match="no epoch records"):
+        viz.read_epoch_records([{"step": 1, "epoch": 0, "loss": 0.5}])
+    with pytest.raises(FileNotFoundError):
+        viz.read_epoch_records(tmp_path / "missing.jsonl")
+
+
+def test_curve_series_and_ticks():
+    from vlsegkit.viz import curves
+
+    x, series = curves._series(viz.read_epoch_records(_epoch_records(3)))
+    assert x.tolist() == [1.0, 2.0, 3.0]  # 1-based epochs
+    assert list(series) == ["train_loss", "train_dice", "train_softcon", "val_dice", "val_loss"]
+    np.testing.assert_allclose(series["val_loss"], [0.9, 0.8, math.nan])
+    # Records of several fit(epochs=1) calls all say epoch 0: plotted in order instead.
+    repeated = [{"epoch": 0, "train_loss": v} for v in (0.5, 0.4, 0.3)]
+    assert curves._series(repeated)[0].tolist() == [1.0, 2.0, 3.0]
+    assert curves._panels(["train_loss", "val_dice", "lr", "train_dice"]) == [
+        ("training", ["train_loss", "train_dice"]),
+        ("validation", ["val_dice"]),
+        ("other", ["lr"]),
+    ]
+    assert curves._nice_range(0.13, 0.62) == pytest.approx((0.1, 0.7, 0.1))
+    assert curves._nice_range(0.0, 1.0) == pytest.approx((0.0, 1.0, 0.2))
+    assert curves._nice_range(2.0, 2.0) == pytest.approx((1.8, 2.2, 0.1))
+    assert curves._tick_label(0.25, 0.25) == "0.25" and curves._tick_label(4.0, 2.0) == "4"
+
+
+def _color_count(image: Image.Image, color) -> int:
+    return int((np.asarray(image) == color).all(-1).sum())
+
+
+def test_training_curves_image_draws_every_series():
+    records = _epoch_records(8)
+    image = viz.training_curves_image(records)
+    assert image.mode == "RGB"
+    assert image.size[0] == 2 * 10 + 2 * 480 + 10  # a training and a validation panel
+    # Each curve's colour covers a line across its panel (hundreds of pixels), far more than
+    # its 16 x 2 legend swatch; the colours are distinct.
+    colors = viz.CURVE_COLORS[:5]
+    assert len(set(colors)) == 5
+    for color in colors:
+        assert _color_count(image, color) > 400, color
+    assert _color_count(image, viz.CURVE_COLORS[5]) == 0  # no sixth series
+    # A series without a single finite value is listed in the legend but draws no line.
+    for r in records:
+        if "train_loss" in r:
+            r["val_dice"] = None
+    blank = viz.training_curves_image(records)
+    assert 0 < _color_count(blank, viz.CURVE_COLORS[3]) < 100
+    # A third panel for keys that are neither train_ nor val_.
+    for r in records:
+        r["lr"] = 0.001
+    assert viz.training_curves_image(records).size[0] == 2 * 10 + 3 * 480 + 2 * 10
+    # One epoch still draws (a dot per series).
+    single = viz.training_curves_image(_epoch_records(1))
+    assert all(_color_count(single, c) > 32 for c in colors)
+
+
+def test_plot_training_curves_writes_the_pillow_picture(tmp_path):
+    import json
+
+    records = _epoch_records(5)
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    path = viz.plot_training_curves(log, tmp_path / "run" / "curves.png")
+    assert path == tmp_path / "run" / "curves.png"
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(path)), np.asarray(viz.training_curves_image(records))
+    )
+    with pytest.raises(ValueError, match="backend must be"):
+        viz.plot_training_curves(records, tmp_path / "x.png", backend="svg")
+
+
+def test_training_curves_and_reliability_without_matplotlib(tmp_path, monkeypatch):
+    import warnings
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    records = _epoch_records(3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        auto = viz.plot_training_curves(records, tmp_path / "auto.png", backend="auto")
+        assert not caught  # auto quietly uses Pillow
+        asked = viz.plot_training_curves(records, tmp_path / "asked.png", backend="matplotlib")
+        skipped = viz.save_reliability_diagram(
+            np.array([0.2, 0.8]), np.array([0, 1]), tmp_path / "reliability.png"
+        )
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2 and all("\n" not in m for m in messages)  # one line each
+    assert 'matplotlib is not installed (pip install "vlsegkit[viz]")' in messages[0]
+    assert messages[1].startswith("reliability diagram skipped: matplotlib is not installed")
+    assert skipped is None and not (tmp_path / "reliability.png").exists()
+    pillow = np.asarray(viz.training_curves_image(records))
+    np.testing.assert_array_equal(np.asarray(Image.open(auto)), pillow)
+    np.testing.assert_array_equal(np.asarray(Image.open(asked)), pillow)
+
+
+def test_matplotlib_curves_and_reliability_file(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = viz.plot_training_curves(_epoch_records(4), tmp_path / "c.png", backend="matplotlib")
+    assert Image.open(path).format == "PNG" and Image.open(path).width > 300
+    probs = np.array([0.05, 0.15, 0.15, 0.85, 0.95, 0.95])
+    saved = viz.save_reliability_diagram(probs, np.array([0, 1, 0, 1, 1, 0]), tmp_path / "r.png")
+    assert saved == tmp_path / "r.png" and Image.open(saved).format == "PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "r.png"]

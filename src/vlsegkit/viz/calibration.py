@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .images import _to_numpy
 
-__all__ = ["Calibration", "calibration_curve", "reliability_diagram"]
+__all__ = ["Calibration", "calibration_curve", "reliability_diagram", "save_reliability_diagram"]
 
 
 @dataclass(frozen=True)
@@ -121,3 +124,41 @@ def reliability_diagram(
     ax.set_title(title or "Reliability diagram")
     ax.legend(loc="upper left")
     return ax.figure
+
+
+def save_reliability_diagram(
+    probs: Any,
+    targets: Any,
+    path: str | os.PathLike,
+    *,
+    num_bins: int = 10,
+    title: str | None = None,
+) -> Path | None:
+    """Write ``reliability_diagram`` to ``path`` (PNG), or skip it in one line without matplotlib.
+
+    For scripts that should still run without the ``viz`` extra (the demo, the docs): when
+    matplotlib is missing, nothing is written, one ``UserWarning`` says so and how to install it,
+    and ``None`` is returned. The file is written to a temporary name and renamed over ``path``.
+
+    Args:
+        probs: foreground probabilities in ``[0, 1]``, any shape.
+        targets: binary ground truth of the same shape.
+        path: output file; parent folders are created.
+        num_bins: equal-width bins.
+        title: axes title.
+
+    Returns:
+        ``path`` as a ``Path``, or ``None`` when matplotlib is not installed.
+    """
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        warnings.warn(
+            'reliability diagram skipped: matplotlib is not installed (pip install "vlsegkit[viz]")',
+            stacklevel=2,
+        )
+        return None
+    from ..hub import atomic_write
+
+    fig = reliability_diagram(probs, targets, num_bins=num_bins, title=title)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
