@@ -701,6 +701,7 @@ def _epoch_records(epochs: int = 6) -> list[dict]:
                 "train_softcon": 0.2 / (e + 1),
                 "val_dice": 0.1 + 0.1 * e,
                 "val_loss": None if e == 2 else 0.9 - 0.1 * e,  # fit writes NaN as null
+                "val_count": 32,  # evaluate's sample count: not a curve
                 "note": "text values are not curves",
             }
         )

@@ -3,8 +3,9 @@
 ``vlsegkit.train.fit`` sends one record per optimiser step (``step``, ``epoch``, ``loss``, ``lr``)
 and one per epoch (``step``, ``epoch``, ``train_loss``, the other ``train_*`` loss terms and the
 ``val_*`` metrics) to ``log_fn`` and to ``log_dir/metrics.jsonl``. The epoch records are the ones with
-a ``train_loss`` key; every other numeric key of them is a curve. Curves named ``train_*`` share the
-"training" panel, ``val_*`` the "validation" panel, anything else an "other" panel.
+a ``train_loss`` key; every numeric key of them is a curve except ``epoch``, ``step`` and sample
+counts (keys ending in ``count``, such as ``evaluate``'s ``val_count``). Curves named ``train_*``
+share the "training" panel, ``val_*`` the "validation" panel, anything else an "other" panel.
 """
 
 from __future__ import annotations
@@ -107,13 +108,16 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
+def _is_curve(key: str) -> bool:
+    # Sample counts (val_count) are bookkeeping: plotted, they would squash the metrics' scale.
+    return key not in _NOT_CURVES and not key.endswith("count")
+
+
 def _series(records: list[dict[str, Any]]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """``(x, {name: values})``: x is the 1-based epoch when epochs increase, else the order."""
     names: list[str] = []
     for r in records:
-        names += [
-            k for k, v in r.items() if k not in _NOT_CURVES and _is_number(v) and k not in names
-        ]
+        names += [k for k, v in r.items() if _is_curve(k) and _is_number(v) and k not in names]
     epochs = [r.get("epoch") for r in records]
     if all(_is_number(e) for e in epochs) and all(b > a for a, b in itertools.pairwise(epochs)):
         x = np.asarray(epochs, dtype=np.float64) + 1  # fit counts epochs from 0
