@@ -583,6 +583,10 @@ def test_overlay_sheet_large_images_are_reduced_to_the_tile():
     assert sheet.width == 2 * 10 + 3 * 128 + 2 * 6  # 600 x 300 -> 256 x 128
     block = (np.asarray(sheet)[:, 10:138] == (90, 160, 40)).all(-1)
     assert block.sum() == 256 * 128
+    # A very narrow sheet: row titles and prompts wrap onto many lines, none drawn over the tiles.
+    tiny = viz.overlay_sheet([image], [mask], [mask.astype(float)], "a long prompt " * 5, tile=16)
+    assert tiny.width == 2 * 10 + 3 * 8 + 2 * 6 and tiny.height > 200
+    assert (np.asarray(tiny) == (90, 160, 40)).all(-1).sum() == 3 * 16 * 8  # empty masks
 
 
 def test_overlay_sheet_bad_inputs(cases):

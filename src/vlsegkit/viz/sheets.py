@@ -421,35 +421,20 @@ def overlay_sheet(
     else:
         chosen = select_examples(score_values, n, mode=select, higher_is_better=higher_is_better)
 
-    # Rows at tile resolution: masks thresholded at their own resolution, then enlarged.
-    rows = []
-    for example in chosen:
-        i = example.index
-        rgb = to_rgb_uint8(pictures[i])
-        size = rgb.shape[:2]
-        pred = _plane(maps[i], f"probs[{i}]", size) > threshold
-        gt = None if gts is None else _mask_plane(gts[i], f"masks[{i}]", size)
-        unc = None if uncs is None else _finite_map(uncs[i], f"uncertainty[{i}]", size)
-        target = _target_size(*size, tile)
-        rows.append(
-            {
-                "rgb": _resize_rgb(rgb, target),
-                "pred": _resize_mask(pred, target),
-                "gt": None if gt is None else _resize_mask(gt, target),
-                "unc": None if unc is None else _resize_map(unc, target),
-                "example": example,
-            }
-        )
-    if uncs is not None:
-        if uncertainty_range is None:
-            vmin = min(float(r["unc"].min()) for r in rows)
-            vmax = max(float(r["unc"].max()) for r in rows)
-        else:
-            vmin, vmax = (float(v) for v in uncertainty_range)
-            if not vmax >= vmin:
-                raise ValueError(
-                    f"uncertainty_range must be (vmin, vmax) with vmax >= vmin, got {uncertainty_range}"
-                )
+    rows = [
+        _prepare_row(e, pictures, maps, gts, uncs, tile=tile, threshold=threshold) for e in chosen
+    ]
+    if uncs is None:
+        vmin = vmax = 0.0
+    elif uncertainty_range is None:  # one scale for the sheet, so rows can be compared
+        vmin = min(float(r.unc.min()) for r in rows)
+        vmax = max(float(r.unc.max()) for r in rows)
+    else:
+        vmin, vmax = (float(v) for v in uncertainty_range)
+        if not vmax >= vmin:
+            raise ValueError(
+                f"uncertainty_range must be (vmin, vmax) with vmax >= vmin, got {uncertainty_range}"
+            )
 
     names = ["image"] + ([] if gts is None else ["ground truth"]) + ["prediction"]
     names += [] if uncs is None else ["uncertainty"]
@@ -461,53 +446,46 @@ def overlay_sheet(
             )
         names = [str(c) for c in columns]
 
-    cell_w = max(r["rgb"].shape[1] for r in rows)
+    # Layout: every column as wide as the widest tile; text wraps to the sheet's inner width.
+    cell_w = max(r.rgb.shape[1] for r in rows)
     ncols = len(names)
     width = 2 * _MARGIN + ncols * cell_w + (ncols - 1) * _GAP
     text_w = width - 2 * _MARGIN
     body, small = _text.font(font_size), _text.font(max(8, font_size - 2))
     heading = _text.font(font_size + 4)
-
     if title is None:
         title = _default_title(len(rows), count, select, score_values, score_name)
     title_lines = _text.wrap(title, heading, text_w)
     column_lines = [_text.wrap(name, body, cell_w) for name in names]
     header_h = max(_text.block_height(lines, body) for lines in column_lines)
-
-    row_text = []
+    heads, prompt_lines = [], []
     for r in rows:
-        e, i = r["example"], r["example"].index
-        head = [f"#{i}"]
+        i = r.example.index
+        parts = [f"#{i}"]
         if score_values is not None:
-            head = [
-                e.label,
+            parts = [
+                r.example.label,
                 f"{score_name} {score_values[i]:.3f}",
-                f"#{i} (rank {e.rank} of {count})",
+                f"#{i} (rank {r.example.rank} of {count})",
             ]
-        lines = _text.wrap(" · ".join(head), body, text_w)
-        if texts[i] is not None:
-            lines += _text.wrap(f"prompt: {texts[i]}", small, text_w)
-        row_text.append(lines)  # the first line in the body font, the prompt in the small font
-
-    legend = [(TP_COLOR, "ground truth")] if gts is not None else []
+        heads.append(_text.wrap(" · ".join(parts), body, text_w))
+        prompt = texts[i]
+        prompt_lines.append(
+            [] if prompt is None else _text.wrap(f"prompt: {prompt}", small, text_w)
+        )
     if errors and gts is not None:
-        legend = [
-            (TP_COLOR, "ground truth / correct"),
-            (FP_COLOR, "false positive"),
-            (FN_COLOR, "missed"),
-        ]
+        legend = [(TP_COLOR, "ground truth / correct"), (FP_COLOR, "false positive")]
+        legend.append((FN_COLOR, "missed"))
     else:
+        legend = [] if gts is None else [(TP_COLOR, "ground truth")]
         legend.append((FP_COLOR, f"prediction (p > {threshold:g})"))
-    legend_h = _legend_height(legend, small, text_w)
-    bar_h = _colour_bar_height(small) + 4 if uncs is not None else 0
-
-    def text_h(lines: list[str]) -> int:
-        return _text.line_height(body) + _text.block_height(lines[1:], small)
+    bar_h = 0 if uncs is None else _colour_bar_height(small) + 4
 
     height = _MARGIN + _text.block_height(title_lines, heading) + 6 + header_h + 4
-    for r, lines in zip(rows, row_text):
-        height += text_h(lines) + 2 + r["rgb"].shape[0] + _ROW_GAP
-    height += bar_h + legend_h + _MARGIN
+    for r, head, lines in zip(rows, heads, prompt_lines):
+        height += _text.block_height(head, body) + _text.block_height(lines, small)
+        height += 2 + r.rgb.shape[0] + _ROW_GAP
+    height += bar_h + _legend_height(legend, small, text_w) + _MARGIN
 
     canvas = Image.new("RGB", (width, height), _text.BACKGROUND)
     draw = ImageDraw.Draw(canvas)
@@ -516,21 +494,21 @@ def overlay_sheet(
     for x, lines in zip(xs, column_lines):
         _text.draw_lines(draw, (x, y), lines, body, width=cell_w, align="center")
     y += header_h + 4
-    for r, lines in zip(rows, row_text):
-        y = _text.draw_lines(draw, (_MARGIN, y), lines[:1], body)
-        y = _text.draw_lines(draw, (_MARGIN, y), lines[1:], small, fill=_text.MUTED) + 2
-        tiles = [r["rgb"]]
-        if r["gt"] is not None:
-            tiles.append(overlay_mask(r["rgb"], r["gt"], color=TP_COLOR))
-        if errors and r["gt"] is not None:
-            tiles.append(overlay_prediction(r["rgb"], r["pred"], r["gt"]))
+    for r, head, lines in zip(rows, heads, prompt_lines):
+        y = _text.draw_lines(draw, (_MARGIN, y), head, body)
+        y = _text.draw_lines(draw, (_MARGIN, y), lines, small, fill=_text.MUTED) + 2
+        tiles = [r.rgb]
+        if r.gt is not None:
+            tiles.append(overlay_mask(r.rgb, r.gt, color=TP_COLOR))
+        if errors and r.gt is not None:
+            tiles.append(overlay_prediction(r.rgb, r.pred, r.gt))
         else:
-            tiles.append(overlay_mask(r["rgb"], r["pred"], color=FP_COLOR))
-        if r["unc"] is not None:
-            tiles.append(apply_colormap(r["unc"], cmap=uncertainty_cmap, vmin=vmin, vmax=vmax))
+            tiles.append(overlay_mask(r.rgb, r.pred, color=FP_COLOR))
+        if r.unc is not None:
+            tiles.append(apply_colormap(r.unc, cmap=uncertainty_cmap, vmin=vmin, vmax=vmax))
         for x, t in zip(xs, tiles):
             _paste(canvas, t, (x + (cell_w - t.shape[1]) // 2, y))
-        y += r["rgb"].shape[0] + _ROW_GAP
+        y += r.rgb.shape[0] + _ROW_GAP
     if uncs is not None:
         _colour_bar(canvas, (xs[-1], y), cell_w, vmin, vmax, uncertainty_cmap, small)
         label = f"{names[-1]} scale"
@@ -539,6 +517,47 @@ def overlay_sheet(
         y += bar_h
     _legend_items(canvas, (_MARGIN, y), legend, small, text_w)
     return canvas
+
+
+class _Row(NamedTuple):
+    """One sheet row at tile resolution."""
+
+    example: RankedExample
+    rgb: np.ndarray
+    pred: np.ndarray
+    gt: np.ndarray | None
+    unc: np.ndarray | None
+
+
+def _prepare_row(
+    example: RankedExample,
+    pictures: list[Any],
+    maps: list[Any],
+    gts: list[Any] | None,
+    uncs: list[Any] | None,
+    *,
+    tile: int,
+    threshold: float,
+) -> _Row:
+    """Check one example's arrays against its image and bring them to tile resolution.
+
+    The prediction is thresholded (and the masks read) at the image's own resolution, then
+    resized with nearest neighbour, so the tiles show exactly the pixels that were scored.
+    """
+    i = example.index
+    rgb = to_rgb_uint8(pictures[i])
+    size = rgb.shape[:2]
+    pred = _plane(maps[i], f"probs[{i}]", size) > threshold
+    gt = None if gts is None else _mask_plane(gts[i], f"masks[{i}]", size)
+    unc = None if uncs is None else _finite_map(uncs[i], f"uncertainty[{i}]", size)
+    target = _target_size(*size, tile)
+    return _Row(
+        example,
+        _resize_rgb(rgb, target),
+        _resize_mask(pred, target),
+        None if gt is None else _resize_mask(gt, target),
+        None if unc is None else _resize_map(unc, target),
+    )
 
 
 def _default_title(
