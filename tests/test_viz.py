@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -317,3 +318,518 @@ def test_reliability_diagram_draws_the_calibration_curve():
     assert heights == sorted(np.round(cal.frequency[cal.counts > 0], 6).tolist())
     assert ax.get_title() == "test"
     assert f"{cal.ece:.3f}" in " ".join(t.get_text() for t in ax.get_legend().get_texts())
+
+
+# --------------------------------------------------------------------------- text
+def test_wrap_keeps_every_word_and_fits_the_width():
+    from vlsegkit.viz import _text
+
+    fnt = _text.font(14)
+    text = "one tiny oval lesion at the top of the image and " * 6 + "end"
+    lines = _text.wrap(text, fnt, 200)
+    assert len(lines) > 3
+    assert " ".join(lines) == text  # nothing cut, only the break spaces are dropped
+    assert all(_text.text_width(line, fnt) <= 200 for line in lines)
+    word = "x" * 200  # a single word wider than the line is split, not dropped
+    pieces = _text.wrap(word, fnt, 50)
+    assert "".join(pieces) == word and len(pieces) > 1
+    assert _text.wrap("first\nsecond", fnt, 500) == ["first", "second"]
+
+
+def test_bitmap_font_fallback(monkeypatch):
+    """Pillow < 10.1 (no size argument) gets the bitmap font, and sheets still draw."""
+    from PIL import ImageFont
+
+    from vlsegkit.viz import _text
+
+    bitmap = ImageFont.load_default_imagefont()  # what load_default() was before Pillow 10.1
+
+    def old_pillow(*args, **kwargs):
+        if args or kwargs:
+            raise TypeError("load_default() got an unexpected keyword argument 'size'")
+        return bitmap
+
+    monkeypatch.setattr(ImageFont, "load_default", old_pillow)
+    _text.font.cache_clear()
+    try:
+        assert _text.font(20) is _text.font(14) is bitmap  # one fixed font for every size
+        assert _text.line_height(bitmap) > 0 and _text.wrap("a b c", bitmap, 8) == ["a", "b", "c"]
+        sheet = viz.overlay_sheet(
+            [np.zeros((8, 8, 3), np.uint8)], [np.zeros((8, 8))], [np.zeros((8, 8))], "a prompt"
+        )
+        assert sheet.width == 2 * 10 + 3 * 256 + 2 * 6
+    finally:
+        _text.font.cache_clear()
+
+
+# --------------------------------------------------------------------------- example selection
+def test_select_examples_spread_is_worst_median_best():
+    picks = viz.select_examples([0.1, 0.9, 0.5, 0.3, 0.7], n=3)
+    assert [p.index for p in picks] == [1, 2, 0]
+    assert [p.label for p in picks] == ["best", "median", "worst"]
+    assert [p.rank for p in picks] == [1, 3, 5]
+
+
+def test_select_examples_modes_and_labels():
+    scores = [0.1, 0.9, 0.5, 0.3, 0.7]
+    every = viz.select_examples(scores, n=10)  # more than there are: all, best to worst
+    assert [p.index for p in every] == [1, 4, 2, 3, 0]
+    assert [p.label for p in every] == [
+        "best", "75th percentile", "median", "25th percentile", "worst",
+    ]  # fmt: skip
+    assert [p.index for p in viz.select_examples(scores, 2, mode="best")] == [1, 4]
+    assert [p.index for p in viz.select_examples(scores, 2, mode="worst")] == [0, 3]
+    assert [p.index for p in viz.select_examples(scores, 2, mode="first")] == [0, 1]
+    low = viz.select_examples(scores, 3, higher_is_better=False)  # e.g. a loss
+    assert [(p.index, p.label) for p in low] == [(0, "best"), (2, "median"), (1, "worst")]
+    assert viz.select_examples(scores, mode=[3]) == [viz.RankedExample(3, 4, "25th percentile")]
+    # Ties keep their order (3, 0, 1, 4, 2, 5); 6 scores and n=3: ranks 1, 4 (3.5 rounded up), 6.
+    tied = viz.select_examples([0.5, 0.5, 0.2, 0.9, 0.5, 0.1], n=3)
+    assert [(p.index, p.rank) for p in tied] == [(3, 1), (4, 4), (5, 6)]
+    assert tied[1].label == "40th percentile"  # 2 of the 5 others score lower
+    # Ranks are evenly spread and never repeated.
+    many = viz.select_examples(np.linspace(1, 0, 64), n=6)
+    assert [p.rank for p in many] == [1, 14, 26, 39, 51, 64]
+    assert viz.select_examples([0.3], n=3) == [viz.RankedExample(0, 1, "only example")]
+
+
+def test_select_examples_bad_inputs():
+    with pytest.raises(ValueError, match="finite"):
+        viz.select_examples([0.1, math.nan])
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        viz.select_examples([])
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
+        viz.select_examples([0.1], n=0)
+    with pytest.raises(ValueError, match="mode must be"):
+        viz.select_examples([0.1], mode="random")
+    with pytest.raises(ValueError, match="index 5 is out of range for 2 scores"):
+        viz.select_examples([0.1, 0.2], mode=[0, 5])
+
+
+def test_dice_per_image():
+    masks = np.zeros((3, 1, 4, 4))
+    masks[0, 0, :2] = 1  # 8 pixels
+    masks[1, 0, 0, 0] = 1
+    probs = np.zeros((3, 1, 4, 4))
+    probs[0, 0, :1] = 0.9  # 4 predicted, all inside: 2·4 / (4 + 8)
+    probs[1, 0, 3, 3] = 0.7  # disjoint
+    dice = viz.dice_per_image(masks, torch.from_numpy(probs))
+    np.testing.assert_allclose(dice, [8 / 12, 0.0, 1.0])  # image 2: both empty scores 1
+    assert viz.dice_per_image(masks, probs, empty_score=0.5)[2] == 0.5
+    with pytest.raises(ValueError, match="masks: 3, probs: 2"):
+        viz.dice_per_image(masks, probs[:2])
+
+
+# --------------------------------------------------------------------------- overlay sheet
+_SOLID = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200)]
+
+
+@pytest.fixture
+def cases():
+    """Five solid-colour 32 x 32 images whose predictions score Dice 0.1 ... 0.9 (by design)."""
+    images = [np.broadcast_to(np.uint8(c), (32, 32, 3)).copy() for c in _SOLID]
+    masks = np.zeros((5, 32, 32), bool)
+    masks[:, 8:24, 8:24] = True
+    probs = np.zeros((5, 32, 32))
+    probs[:, 8:24, 8:24] = 0.9
+    return images, masks, probs
+
+
+def _rows_of(sheet: Image.Image, color, x0: int, x1: int) -> list[int]:
+    """Top rows of the blocks of ``color`` between columns x0 and x1 (one per row tile)."""
+    arr = np.asarray(sheet)[:, x0:x1]
+    hit = (arr == color).all(-1).any(1)
+    return [int(y) for y in np.flatnonzero(hit & ~np.r_[False, hit[:-1]])]
+
+
+def test_overlay_sheet_layout_and_tile_size(cases):
+    images, masks, probs = cases
+    scores = [0.1, 0.9, 0.5, 0.3, 0.7]
+    sheet = viz.overlay_sheet(images, masks, probs, "lesion", scores=scores, n=3)
+    assert sheet.mode == "RGB"
+    assert sheet.width == 2 * 10 + 3 * 256 + 2 * 6  # three 256 px columns (32 px enlarged x8)
+    arr = np.asarray(sheet)
+    tops = {}
+    for index in (1, 2, 0):  # best, median, worst
+        color = _SOLID[index]
+        # The image column (x 10 ... 266) holds exactly one 256 x 256 block of the picture.
+        block = (arr[:, 10:266] == color).all(-1)
+        assert block.sum() == 256 * 256, index
+        rows = np.flatnonzero(block.any(1))
+        assert rows[-1] - rows[0] + 1 == 256
+        tops[index] = int(rows[0])
+    assert tops[1] < tops[2] < tops[0]  # rows run best to worst
+    for index in (3, 4):  # not selected
+        assert not (arr == _SOLID[index]).all(-1).any()
+    # Ground truth and prediction columns are tinted with their colours, outlines in full colour.
+    gt_col, pred_col = arr[:, 272:528], arr[:, 534:790]
+    # The 16 px square becomes 128 px; its outline is drawn 1 px wide at tile resolution.
+    assert (gt_col == viz.TP_COLOR).all(-1).sum() == 3 * 4 * 127
+    assert (pred_col == viz.FP_COLOR).all(-1).sum() == 3 * 4 * 127
+    assert sheet.height > 3 * 256
+
+
+def test_overlay_sheet_draws_the_row_title_text(cases):
+    """The row title is pixel-for-pixel the expected words in Pillow's default font."""
+    from PIL import ImageDraw
+
+    from vlsegkit.viz import _text
+
+    images, masks, probs = cases
+    sheet = viz.overlay_sheet(images, masks, probs, None, scores=[0.1, 0.9, 0.5, 0.3, 0.7], n=3)
+    fnt = _text.font(14)
+    step = _text.line_height(fnt)
+    for index, words in [
+        (1, "best · Dice 0.900 · #1 (rank 1 of 5)"),
+        (2, "median · Dice 0.500 · #2 (rank 3 of 5)"),
+        (0, "worst · Dice 0.100 · #0 (rank 5 of 5)"),
+    ]:
+        top = _rows_of(sheet, _SOLID[index], 10, 266)[0]
+        band = sheet.crop((0, top - 2 - step, sheet.width, top - 2))
+        expected = Image.new("RGB", band.size, "white")
+        ImageDraw.Draw(expected).text((10, 0), words, font=fnt, fill=(0, 0, 0))
+        np.testing.assert_array_equal(np.asarray(band), np.asarray(expected))
+
+
+def test_overlay_sheet_titles_are_drawn_in_their_bands(cases):
+    images, masks, probs = cases
+    plain = np.asarray(
+        viz.overlay_sheet(images, masks, probs, "p", n=2, columns=("", "", ""), title="")
+    )
+    titled = np.asarray(viz.overlay_sheet(images, masks, probs, "p", n=2))
+    assert plain.shape == titled.shape  # one-line titles: same layout
+    tops = [_rows_of(Image.fromarray(plain), c, 10, 266) for c in _SOLID]
+    first_tile = min(t[0] for t in tops if t)
+    differs = (plain != titled).any(-1)
+    assert not differs[first_tile:].any()  # only text above the first row changed
+    for x0 in (10, 272, 534):  # every column has its title
+        assert differs[:first_tile, x0 : x0 + 256].any()
+
+
+def test_overlay_sheet_wraps_long_prompts(cases):
+    from vlsegkit.viz import _text
+
+    images, masks, probs = cases
+    short = viz.overlay_sheet(images[:1], masks[:1], probs[:1], ["one small round lesion"])
+    prompt = "two lesions, one tiny oval lesion at the top of the image " * 5 + "and the end"
+    long = viz.overlay_sheet(images[:1], masks[:1], probs[:1], [prompt])
+    assert long.width == short.width
+    lines = _text.wrap(f"prompt: {prompt}", _text.font(12), short.width - 20)
+    assert len(lines) >= 3 and " ".join(lines) == f"prompt: {prompt}"
+    assert long.height - short.height == (len(lines) - 1) * _text.line_height(_text.font(12))
+    # Every prompt line is drawn: the text band has ink on each of the extra lines.
+    top = _rows_of(long, _SOLID[0], 10, 266)[0]
+    band = np.asarray(long)[top - 2 - len(lines) * _text.line_height(_text.font(12)) : top - 2]
+    per_line = band.reshape(len(lines), -1, long.width, 3)
+    assert all((line < 128).any() for line in per_line)
+
+
+def test_overlay_sheet_default_scores_are_dice(cases):
+    images, masks, probs = cases
+    probs = probs.copy()
+    probs[0, 8:24, 8:16] = 0.0  # half the lesion found: Dice 2·128 / (128 + 256) = 0.667
+    probs[2] = 0.0  # nothing found: Dice 0
+    probs[3, 8:24, 12:24] = 0.0  # a quarter: Dice 128 / 320 = 0.4
+    probs[4, 8:24, 20:24] = 0.0  # three quarters: Dice 384 / 448 = 0.857; image 1: Dice 1
+    np.testing.assert_allclose(viz.dice_per_image(masks, probs), [2 / 3, 1.0, 0.0, 0.4, 384 / 448])
+    sheet = viz.overlay_sheet(images, masks, probs, "lesion", n=3)
+    tops = {i: _rows_of(sheet, _SOLID[i], 10, 266) for i in range(5)}
+    shown = sorted((t[0], i) for i, t in tops.items() if t)
+    assert [i for _, i in shown] == [1, 0, 2]  # best, median, worst by Dice
+
+
+def test_overlay_sheet_errors_and_uncertainty_columns(cases):
+    images, masks, probs = cases
+    probs = probs.copy()
+    probs[:, 8:24, 8:16] = 0.0  # left half missed
+    probs[:, 0:4, 0:4] = 0.9  # a false positive
+    unc = [np.full((32, 32), float(v)) for v in (0.0, 0.1, 0.2, 0.3, 0.4)]
+    sheet = viz.overlay_sheet(
+        images, masks, probs, "lesion", n=2, select="first", errors=True, uncertainty=unc
+    )
+    assert sheet.width == 2 * 10 + 4 * 256 + 3 * 6
+    arr = np.asarray(sheet)
+    pred_col = arr[:, 534:790]
+    # Row 0 (image 0): the missed 16 x 8 pixels, enlarged x8, are drawn in the miss colour.
+    missed = viz.overlay_prediction(images[0], probs[0], masks[0])[12, 12]
+    assert tuple(missed) != tuple(images[0][12, 12])
+    assert (pred_col == missed).all(-1).sum() == 16 * 8 * 64
+    # The uncertainty column: one scale over the shown rows (0.0 and 0.1): first and last colour.
+    unc_col = arr[:, 796:1052]
+    low, high = viz.apply_colormap(np.array([[0.0, 1.0]]), cmap="inferno", vmin=0, vmax=1)[0]
+    assert (unc_col == low).all(-1).sum() >= 256 * 256
+    assert (unc_col == high).all(-1).sum() >= 256 * 256
+
+
+def test_overlay_sheet_accepts_batches_and_unlabelled_images(cases):
+    images, masks, probs = cases
+    from_lists = viz.overlay_sheet(images, list(masks), list(probs), ["a"] * 5, n=3)
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+    from_batch = viz.overlay_sheet(
+        batch, torch.from_numpy(masks)[:, None].float(), torch.from_numpy(probs)[:, None], "a", n=3
+    )
+    np.testing.assert_array_equal(np.asarray(from_lists), np.asarray(from_batch))
+    # No ground truth: image | prediction, in the given order.
+    unlabelled = viz.overlay_sheet(images, None, probs, "a", n=2)
+    assert unlabelled.width == 2 * 10 + 2 * 256 + 6
+    tops = [_rows_of(unlabelled, c, 10, 266) for c in _SOLID]
+    assert tops[0][0] < tops[1][0] and not tops[2]
+
+
+def test_overlay_sheet_large_images_are_reduced_to_the_tile():
+    image = np.full((600, 300, 3), (90, 160, 40), np.uint8)
+    mask = np.zeros((600, 300), bool)
+    sheet = viz.overlay_sheet([image], [mask], [mask.astype(float)], "p", tile=256)
+    assert sheet.width == 2 * 10 + 3 * 128 + 2 * 6  # 600 x 300 -> 256 x 128
+    block = (np.asarray(sheet)[:, 10:138] == (90, 160, 40)).all(-1)
+    assert block.sum() == 256 * 128
+    # A very narrow sheet: row titles and prompts wrap onto many lines, none drawn over the tiles.
+    tiny = viz.overlay_sheet([image], [mask], [mask.astype(float)], "a long prompt " * 5, tile=16)
+    assert tiny.width == 2 * 10 + 3 * 8 + 2 * 6 and tiny.height > 200
+    assert (np.asarray(tiny) == (90, 160, 40)).all(-1).sum() == 3 * 16 * 8  # empty masks
+
+
+def test_overlay_sheet_bad_inputs(cases):
+    images, masks, probs = cases
+    with pytest.raises(ValueError, match="images: 5, masks: 4, probs: 5, prompts: 5"):
+        viz.overlay_sheet(images, masks[:4], probs, "a")
+    with pytest.raises(ValueError, match=r"probs\[1\] must have the image's shape"):
+        viz.overlay_sheet(images, masks, [probs[0], probs[1, :8], *probs[2:]], "a", n=5)
+    with pytest.raises(ValueError, match=r"masks\[0\] must be binary"):
+        viz.overlay_sheet(images, probs, probs, "a", n=5)
+    with pytest.raises(ValueError, match="columns must name the 3 columns drawn"):
+        viz.overlay_sheet(images, masks, probs, "a", columns=("a", "b"))
+    with pytest.raises(ValueError, match="tile must be an int >= 16"):
+        viz.overlay_sheet(images, masks, probs, "a", tile=8)
+    with pytest.raises(ValueError, match=r"scores must have one value per image \(5\), got 2"):
+        viz.overlay_sheet(images, masks, probs, "a", scores=[0.1, 0.2])
+    with pytest.raises(ValueError, match="float images must be in"):
+        viz.overlay_sheet([np.full((32, 32, 3), 2.0)], masks[:1], probs[:1], "a")
+
+
+def test_save_overlay_sheet_writes_atomically(tmp_path, cases, monkeypatch):
+    images, masks, probs = cases
+    path = viz.save_overlay_sheet(tmp_path / "out" / "sheet.png", images, masks, probs, "a", n=2)
+    assert path == tmp_path / "out" / "sheet.png"
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(path)), np.asarray(viz.overlay_sheet(images, masks, probs, "a", n=2))
+    )
+    assert sorted(p.name for p in path.parent.iterdir()) == ["sheet.png"]  # no temporary left
+    # A failing write leaves the previous picture in place and no temporary file.
+    before = path.read_bytes()
+
+    def broken_save(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"half a png")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        viz.save_overlay_sheet(path, images, masks, probs, "a", n=3)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["sheet.png"]
+    with pytest.raises(ValueError, match=r"image suffix such as \.png"):
+        viz.save_image(images[0], tmp_path / "sheet.txt")
+
+
+# --------------------------------------------------------------------------- uncertainty sheet
+def test_uncertainty_sheet_panels_and_scales():
+    image = np.full((32, 32, 3), (20, 120, 220), np.uint8)
+    mean = np.tile(np.linspace(0, 1, 32), (32, 1))
+    entropy = np.tile(np.linspace(0, 0.6, 32)[:, None], (1, 32))
+    aleatoric, epistemic = 0.75 * entropy, 0.25 * entropy
+    mask = mean > 0.5
+    sheet = viz.uncertainty_sheet(
+        image, mean[None], entropy, aleatoric, epistemic, prompt="one lesion", mask=mask
+    )
+    assert sheet.width == 2 * 10 + 5 * 256 + 4 * 6
+    arr = np.asarray(sheet)
+    top = _rows_of(sheet, (20, 120, 220), 10, 266)[0]
+    xs = [10 + k * 262 for k in range(5)]
+
+    def tile(k):
+        return arr[top : top + 256, xs[k] : xs[k] + 256]
+
+    def big(values):
+        return np.kron(values, np.ones((8, 8)))
+
+    # Each uncertainty map on its own range: all three look the same, bars say the values.
+    for k, values in zip((2, 3, 4), (entropy, aleatoric, epistemic)):
+        expected = viz.apply_colormap(big(values), cmap="inferno")
+        np.testing.assert_array_equal(tile(k), expected)
+    # The mean probability on [0, 1] (viridis), with the p > 0.5 contour in white.
+    prob = viz.apply_colormap(big(mean), cmap="viridis", vmin=0, vmax=1)
+    same = (tile(1) == prob).all(-1)
+    assert same.mean() > 0.98 and (tile(1)[~same] == 255).all()
+    # Colour bars under the four maps (the whole colour map, left to right), none under the image.
+    below = arr[top + 256 + 4 : top + 256 + 4 + 12]
+    for k, cmap in ((1, "viridis"), (2, "inferno"), (3, "inferno"), (4, "inferno")):
+        ramp = viz.apply_colormap(np.linspace(0, 1, 256)[None], cmap=cmap, vmin=0, vmax=1)
+        np.testing.assert_array_equal(below[:, xs[k] : xs[k] + 256], np.repeat(ramp, 12, 0))
+    assert (below[:, xs[0] : xs[0] + 256] == 255).all()
+    # One shared scale: epistemic (a quarter of the entropy) stays in the low colours.
+    shared = np.asarray(
+        viz.uncertainty_sheet(image, mean, entropy, aleatoric, epistemic, shared_scale=True)
+    )
+    top2 = _rows_of(Image.fromarray(shared), (20, 120, 220), 10, 266)[0]
+    np.testing.assert_array_equal(
+        shared[top2 : top2 + 256, xs[4] : xs[4] + 256],
+        viz.apply_colormap(big(epistemic), cmap="inferno", vmin=0, vmax=0.6),
+    )
+
+
+def test_uncertainty_sheet_prompt_wraps_and_bad_inputs():
+    image = np.zeros((16, 16, 3), np.uint8)
+    maps = [np.full((16, 16), 0.3)] * 4
+    short = viz.uncertainty_sheet(image, *maps, prompt="lesion")
+    long = viz.uncertainty_sheet(image, *maps, prompt="a very long prompt " * 40)
+    assert long.width == short.width and long.height > short.height
+    with pytest.raises(ValueError, match=r"mean must be probabilities in \[0, 1\]"):
+        viz.uncertainty_sheet(image, np.full((16, 16), 1.5), *maps[1:])
+    with pytest.raises(ValueError, match=r"epistemic must have the image's shape"):
+        viz.uncertainty_sheet(image, *maps[:3], np.zeros((8, 8)))
+    with pytest.raises(ValueError, match="entropy must be finite"):
+        viz.uncertainty_sheet(image, maps[0], np.full((16, 16), math.nan), *maps[2:])
+
+
+# --------------------------------------------------------------------------- training curves
+def _epoch_records(epochs: int = 6) -> list[dict]:
+    records = []
+    for e in range(epochs):
+        records.append({"step": 4 * e + 2, "epoch": e, "loss": 0.9, "lr": 1e-3})  # a step record
+        records.append(
+            {
+                "step": 4 * (e + 1),
+                "epoch": e,
+                "train_loss": 1.0 / (e + 1),
+                "train_dice": 0.6 / (e + 1),
+                "train_softcon": 0.2 / (e + 1),
+                "val_dice": 0.1 + 0.1 * e,
+                "val_loss": None if e == 2 else 0.9 - 0.1 * e,  # fit writes NaN as null
+                "val_count": 32,  # evaluate's sample count: not a curve
+                "note": "text values are not curves",
+            }
+        )
+    return records
+
+
+def test_read_epoch_records_from_jsonl_and_lists(tmp_path):
+    import json
+
+    records = _epoch_records(3)
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps(r) for r in records] + ['{"step": 13, "epoch": 3, "train_lo']  # cut off
+    path.write_text("\n".join(lines) + "\n\n", encoding="utf-8")
+    with pytest.warns(UserWarning, match="skipped 1 unreadable line"):
+        read = viz.read_epoch_records(path)
+    assert [r["epoch"] for r in read] == [0, 1, 2]
+    assert read[0] == records[1]
+    assert math.isnan(read[2]["val_loss"])
+    from_list = viz.read_epoch_records(records)  # e.g. fit(..., log_fn=records.append)
+    assert from_list[:2] == read[:2] and math.isnan(from_list[2]["val_loss"])
+    assert from_list[2] is not records[5]  # new dicts: the caller's records are not changed
+    assert records[5]["val_loss"] is None
+    with pytest.raises(ValueError, match="no epoch records"):
+        viz.read_epoch_records([{"step": 1, "epoch": 0, "loss": 0.5}])
+    with pytest.raises(FileNotFoundError):
+        viz.read_epoch_records(tmp_path / "missing.jsonl")
+
+
+def test_curve_series_and_ticks():
+    from vlsegkit.viz import curves
+
+    x, series = curves._series(viz.read_epoch_records(_epoch_records(3)))
+    assert x.tolist() == [1.0, 2.0, 3.0]  # 1-based epochs
+    assert list(series) == ["train_loss", "train_dice", "train_softcon", "val_dice", "val_loss"]
+    np.testing.assert_allclose(series["val_loss"], [0.9, 0.8, math.nan])
+    # Records of several fit(epochs=1) calls all say epoch 0: plotted in order instead.
+    repeated = [{"epoch": 0, "train_loss": v} for v in (0.5, 0.4, 0.3)]
+    assert curves._series(repeated)[0].tolist() == [1.0, 2.0, 3.0]
+    assert curves._panels(["train_loss", "val_dice", "lr", "train_dice"]) == [
+        ("training", ["train_loss", "train_dice"]),
+        ("validation", ["val_dice"]),
+        ("other", ["lr"]),
+    ]
+    assert curves._nice_range(0.13, 0.62) == pytest.approx((0.1, 0.7, 0.1))
+    assert curves._nice_range(0.0, 1.0) == pytest.approx((0.0, 1.0, 0.2))
+    assert curves._nice_range(2.0, 2.0) == pytest.approx((1.8, 2.2, 0.1))
+    assert curves._tick_label(0.25, 0.25) == "0.25" and curves._tick_label(4.0, 2.0) == "4"
+
+
+def _color_count(image: Image.Image, color) -> int:
+    return int((np.asarray(image) == color).all(-1).sum())
+
+
+def test_training_curves_image_draws_every_series():
+    records = _epoch_records(8)
+    image = viz.training_curves_image(records)
+    assert image.mode == "RGB"
+    assert image.size[0] == 2 * 10 + 2 * 480 + 10  # a training and a validation panel
+    # Each curve's colour covers a line across its panel (hundreds of pixels), far more than
+    # its 16 x 2 legend swatch; the colours are distinct.
+    colors = viz.CURVE_COLORS[:5]
+    assert len(set(colors)) == 5
+    for color in colors:
+        assert _color_count(image, color) > 400, color
+    assert _color_count(image, viz.CURVE_COLORS[5]) == 0  # no sixth series
+    # A series without a single finite value is listed in the legend but draws no line.
+    for r in records:
+        if "train_loss" in r:
+            r["val_dice"] = None
+    blank = viz.training_curves_image(records)
+    assert 0 < _color_count(blank, viz.CURVE_COLORS[3]) < 100
+    # A third panel for keys that are neither train_ nor val_.
+    for r in records:
+        r["lr"] = 0.001
+    assert viz.training_curves_image(records).size[0] == 2 * 10 + 3 * 480 + 2 * 10
+    # One epoch still draws (a dot per series).
+    single = viz.training_curves_image(_epoch_records(1))
+    assert all(_color_count(single, c) > 32 for c in colors)
+
+
+def test_plot_training_curves_writes_the_pillow_picture(tmp_path):
+    import json
+
+    records = _epoch_records(5)
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    path = viz.plot_training_curves(log, tmp_path / "run" / "curves.png")
+    assert path == tmp_path / "run" / "curves.png"
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(path)), np.asarray(viz.training_curves_image(records))
+    )
+    with pytest.raises(ValueError, match="backend must be"):
+        viz.plot_training_curves(records, tmp_path / "x.png", backend="svg")
+
+
+def test_training_curves_and_reliability_without_matplotlib(tmp_path, monkeypatch):
+    import warnings
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    records = _epoch_records(3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        auto = viz.plot_training_curves(records, tmp_path / "auto.png", backend="auto")
+        assert not caught  # auto quietly uses Pillow
+        asked = viz.plot_training_curves(records, tmp_path / "asked.png", backend="matplotlib")
+        skipped = viz.save_reliability_diagram(
+            np.array([0.2, 0.8]), np.array([0, 1]), tmp_path / "reliability.png"
+        )
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2 and all("\n" not in m for m in messages)  # one line each
+    assert 'matplotlib is not installed (pip install "vlsegkit[viz]")' in messages[0]
+    assert messages[1].startswith("reliability diagram skipped: matplotlib is not installed")
+    assert skipped is None and not (tmp_path / "reliability.png").exists()
+    pillow = np.asarray(viz.training_curves_image(records))
+    np.testing.assert_array_equal(np.asarray(Image.open(auto)), pillow)
+    np.testing.assert_array_equal(np.asarray(Image.open(asked)), pillow)
+
+
+def test_matplotlib_curves_and_reliability_file(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = viz.plot_training_curves(_epoch_records(4), tmp_path / "c.png", backend="matplotlib")
+    assert Image.open(path).format == "PNG" and Image.open(path).width > 300
+    probs = np.array([0.05, 0.15, 0.15, 0.85, 0.95, 0.95])
+    saved = viz.save_reliability_diagram(probs, np.array([0, 1, 0, 1, 1, 0]), tmp_path / "r.png")
+    assert saved == tmp_path / "r.png" and Image.open(saved).format == "PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "r.png"]

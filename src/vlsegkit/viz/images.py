@@ -1,14 +1,4 @@
-"""Pictures of predictions: mask overlays, heat maps, side-by-side panels, reliability diagrams.
-
-Overlays, colour maps and panels need only numpy and Pillow. ``reliability_diagram`` draws with
-matplotlib, an optional extra (``pip install "vlsegkit[viz]"``); the numbers behind it
-(``calibration_curve``) need numpy only.
-
-Images are accepted as PIL images, numpy arrays ``(H, W)`` / ``(H, W, 3)`` (uint8, or float in
-``[0, 1]``) or tensors ``(3, H, W)`` / ``(H, W)`` (see ``vlsegkit.models.base.to_image_tensor``);
-every function returns ``(H, W, 3)`` uint8 arrays that ``PIL.Image.fromarray`` or ``save_image``
-write as PNG. Normalised network inputs must be de-normalised first: float images outside ``[0, 1]``
-are refused rather than silently clipped.
+"""Overlays, colour maps, side-by-side panels and image files (numpy and Pillow only).
 
 Colour maps are piecewise linear in RGB. ``jet``, ``hot`` and ``nipy_spectral`` use matplotlib's
 breakpoints (exact); ``viridis`` and ``inferno`` (Smith & van der Walt, CC0) are tabulated at 33
@@ -20,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +20,11 @@ __all__ = [
     "FN_COLOR",
     "FP_COLOR",
     "TP_COLOR",
-    "Calibration",
     "apply_colormap",
-    "calibration_curve",
     "heatmap_overlay",
     "overlay_mask",
     "overlay_prediction",
     "panel",
-    "reliability_diagram",
     "save_image",
     "to_rgb_uint8",
 ]
@@ -130,7 +116,7 @@ def to_rgb_uint8(image: Any) -> np.ndarray:
         if arr.ndim != 3 or arr.shape[-1] != 3:
             raise ValueError(f"image must have shape (H, W) or (H, W, 3), got {image.shape}")
         return np.ascontiguousarray(arr)
-    from .models.base import to_image_tensor
+    from ..models.base import to_image_tensor
 
     t = to_image_tensor(image)
     lo, hi = float(t.min()), float(t.max())
@@ -193,6 +179,12 @@ def _blend(image: np.ndarray, where: np.ndarray, color: np.ndarray, alpha: float
     return out.clip(0, 255).astype(np.uint8)
 
 
+def _edge(mask: np.ndarray) -> np.ndarray:
+    """Mask pixels with a background 4-neighbour; ``np.roll`` wraps, as ``vlsegkit.demo.overlay``."""
+    inner = np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1)
+    return mask & ~inner
+
+
 # --------------------------------------------------------------------------- overlays
 def overlay_mask(
     image: Any,
@@ -222,11 +214,10 @@ def overlay_mask(
     rgb = to_rgb_uint8(image)
     m = _binary(mask, "mask", rgb.shape[:2])
     c = _color(color, "color")
+    out = _blend(rgb, m, c, alpha)
     if outline:
-        from .demo import overlay
-
-        return overlay(rgb, m, color=tuple(c), alpha=alpha)
-    return _blend(rgb, m, c, alpha)
+        out[_edge(m)] = c.astype(np.uint8)
+    return out
 
 
 def overlay_prediction(
@@ -377,12 +368,23 @@ def panel(
 def save_image(image: Any, path: str | os.PathLike) -> Path:
     """Write an image (RGB, or an ``(H, W)`` bool / uint8 mask as greyscale 0/255) to ``path``.
 
-    The format follows the suffix (PNG recommended: lossless). Parent folders are created.
+    The format follows the suffix (PNG recommended: lossless). Parent folders are created. The
+    file is written under a temporary name in the same folder and then renamed over ``path``
+    (``os.replace``), so an interrupted write never leaves a truncated picture.
+
+    Raises:
+        ValueError: the suffix is not an image format Pillow can write.
     """
     from PIL import Image
 
+    from ..hub import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f"path must end with an image suffix such as .png, got {str(path)!r}")
+    if isinstance(image, Image.Image) and image.mode in ("RGB", "L"):
+        return atomic_write(path, lambda tmp: image.save(tmp, format=fmt))
     arr = _to_numpy(image)
     if arr.ndim == 2 and arr.dtype == bool:
         pil = Image.fromarray(arr.astype(np.uint8) * 255, mode="L")
@@ -390,117 +392,4 @@ def save_image(image: Any, path: str | os.PathLike) -> Path:
         pil = Image.fromarray(arr, mode="L")
     else:
         pil = Image.fromarray(to_rgb_uint8(arr))
-    pil.save(path)
-    return path
-
-
-# --------------------------------------------------------------------------- calibration
-@dataclass(frozen=True)
-class Calibration:
-    """Per-bin statistics of a binary reliability diagram.
-
-    Attributes:
-        bin_edges: ``(num_bins + 1,)`` equal-width edges on ``[0, 1]``.
-        confidence: ``(num_bins,)`` mean predicted foreground probability in each bin (NaN if empty).
-        frequency: ``(num_bins,)`` observed foreground fraction in each bin (NaN if empty).
-        counts: ``(num_bins,)`` pixels per bin.
-        ece: expected calibration error ``Σ_b (n_b / N) · |frequency_b - confidence_b|``.
-    """
-
-    bin_edges: np.ndarray
-    confidence: np.ndarray
-    frequency: np.ndarray
-    counts: np.ndarray
-    ece: float
-
-
-def calibration_curve(probs: Any, targets: Any, *, num_bins: int = 10) -> Calibration:
-    """Bin pixel probabilities and compare them with how often the pixel is foreground.
-
-    The binary form of the reliability diagram and expected calibration error of Guo et al., "On
-    Calibration of Modern Neural Networks" (ICML 2017): bin ``b = min(floor(p · B), B - 1)`` on the
-    foreground probability ``p`` (like ``sklearn.calibration.calibration_curve`` with uniform bins),
-    then ``ECE = Σ_b (n_b / N) · |mean(y)_b - mean(p)_b|``.
-
-    Args:
-        probs: foreground probabilities in ``[0, 1]``, any shape (e.g. ``(B, 1, H, W)``).
-        targets: binary ground truth of the same shape.
-        num_bins: number of equal-width bins (>= 1).
-
-    Returns:
-        ``Calibration``.
-    """
-    if not isinstance(num_bins, int) or num_bins < 1:
-        raise ValueError(f"num_bins must be an int >= 1, got {num_bins!r}")
-    p = _to_numpy(probs).astype(np.float64).reshape(-1)
-    y = _to_numpy(targets).astype(np.float64)
-    if y.shape != _to_numpy(probs).shape:
-        raise ValueError(
-            f"targets must have the shape of probs {_to_numpy(probs).shape}, got {y.shape}"
-        )
-    y = y.reshape(-1)
-    if p.size == 0:
-        raise ValueError("probs must not be empty")
-    if not np.isfinite(p).all() or (p < 0).any() or (p > 1).any():
-        raise ValueError("probs must be probabilities in [0, 1] (apply a sigmoid to logits)")
-    if not np.isin(y, (0.0, 1.0)).all():
-        raise ValueError("targets must be binary (0/1)")
-    index = np.minimum((p * num_bins).astype(np.int64), num_bins - 1)
-    counts = np.bincount(index, minlength=num_bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        confidence = np.bincount(index, weights=p, minlength=num_bins) / counts
-        frequency = np.bincount(index, weights=y, minlength=num_bins) / counts
-    filled = counts > 0
-    ece = float(np.sum(counts[filled] * np.abs(frequency[filled] - confidence[filled])) / p.size)
-    return Calibration(np.linspace(0, 1, num_bins + 1), confidence, frequency, counts, ece)
-
-
-def reliability_diagram(
-    probs: Any,
-    targets: Any,
-    *,
-    num_bins: int = 10,
-    title: str | None = None,
-    ax: Any | None = None,
-) -> Any:
-    """Draw a reliability diagram (observed foreground frequency per confidence bin) with matplotlib.
-
-    Bars show ``calibration_curve``'s ``frequency`` per bin, the dashed diagonal is perfect
-    calibration, red hatched bars mark the gap to it, and the legend reports the ECE.
-
-    Args:
-        probs: foreground probabilities in ``[0, 1]``, any shape.
-        targets: binary ground truth of the same shape.
-        num_bins: equal-width bins.
-        title: axes title.
-        ax: matplotlib axes to draw on; default a new 4 x 4 inch figure (no pyplot state touched).
-
-    Returns:
-        The matplotlib ``Figure``.
-
-    Raises:
-        ImportError: matplotlib is missing (install ``vlsegkit[viz]``).
-    """
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise ImportError(
-            'reliability_diagram needs matplotlib: pip install "vlsegkit[viz]"'
-        ) from e
-    cal = calibration_curve(probs, targets, num_bins=num_bins)
-    if ax is None:
-        ax = Figure(figsize=(4, 4)).add_subplot()
-    centers = (cal.bin_edges[:-1] + cal.bin_edges[1:]) / 2
-    width = 1.0 / num_bins
-    filled = cal.counts > 0
-    ax.bar(centers[filled], cal.frequency[filled], width=width, edgecolor="black", label="observed")
-    gap = cal.confidence[filled] - cal.frequency[filled]
-    ax.bar(
-        centers[filled], gap, bottom=cal.frequency[filled], width=width, color="red", alpha=0.3,
-        hatch="//", edgecolor="red", label=f"gap (ECE {cal.ece:.3f})",
-    )  # fmt: skip
-    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="calibrated")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted probability", ylabel="observed frequency")
-    ax.set_title(title or "Reliability diagram")
-    ax.legend(loc="upper left")
-    return ax.figure
+    return atomic_write(path, lambda tmp: pil.save(tmp, format=fmt))

@@ -1,0 +1,172 @@
+"""Regenerate the pictures in ``docs/images/`` from synthetic data, so that they stay true.
+
+Everything runs offline on a CPU in well under a minute:
+
+1. ``clipseg-tiny`` (random weights, 64 px) is trained for a few epochs with ``vlsegkit.train.fit`` on
+   ``SyntheticLesions``; ``fit`` writes ``metrics.jsonl`` and ``plot_training_curves`` draws it
+   (``training_curves.png``).
+2. Its validation predictions go through ``overlay_sheet``, which picks the best, median and worst
+   examples by per-image Dice (``overlay_sheet.png``).
+3. ``medclipseg-tiny`` is trained briefly with its paper loss and ``predict_with_uncertainty``'s
+   maps for one held-out image go through ``uncertainty_sheet`` (``uncertainty_sheet.png``).
+4. With matplotlib installed (``vlsegkit[viz]``), the reliability diagram of step 2's predictions
+   (``reliability.png``); without it, one line says it was skipped.
+
+The models are tiny and briefly trained: the pictures show what the functions draw, not what a real
+model achieves. PNGs are written with Pillow's ``optimize`` so the committed files stay small.
+
+Run from the repository root: ``python docs/make_figures.py`` (``--out`` for another folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import vlsegkit
+from vlsegkit import viz
+from vlsegkit.data import SyntheticLesions, collate_prompts
+from vlsegkit.models.medclipseg import MedCLIPSegLoss
+from vlsegkit.train import fit, seed_everything
+
+HERE = Path(__file__).resolve().parent
+
+
+def _optimize_png(path: Path) -> Path:
+    """Re-save a PNG with zlib's best effort (same pixels, smaller file)."""
+    with Image.open(path) as img:
+        img.load()
+    tmp = path.with_suffix(".tmp.png")
+    img.save(tmp, optimize=True)
+    tmp.replace(path)
+    return path
+
+
+class _Rendered(torch.utils.data.Dataset):
+    """A dataset's items rendered once: generating them costs more than a tiny model's step."""
+
+    def __init__(self, dataset) -> None:
+        self.items = [dataset[i] for i in range(len(dataset))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+def segmentation_figures(out: Path, *, epochs: int, image_size: int, seed: int) -> list[Path]:
+    """Train clipseg-tiny briefly; write its training curves, overlay sheet and reliability."""
+    seed_everything(seed)
+    model = vlsegkit.create_model("clipseg-tiny", image_size=image_size, freeze_backbone=False)
+    norm = {"mean": model.image_mean, "std": model.image_std}
+    train = _Rendered(SyntheticLesions(length=192, image_size=image_size, seed=seed, **norm))
+    val_kw = {"length": 33, "image_size": image_size, "seed": seed + 10_000}
+    val = _Rendered(SyntheticLesions(**val_kw, **norm))
+    raw = SyntheticLesions(**val_kw)  # the same images in [0, 1], for drawing
+
+    paths = []
+    with tempfile.TemporaryDirectory() as log_dir:
+        fit(
+            model, train, val_loader=val, epochs=epochs, lr=3e-3, batch_size=16,
+            scheduler="cosine", log_dir=log_dir, progress=False, seed=seed,
+        )  # fmt: skip
+        paths.append(
+            viz.plot_training_curves(
+                Path(log_dir) / "metrics.jsonl",
+                out / "training_curves.png",
+                title=f"clipseg-tiny on SyntheticLesions ({image_size} px), {epochs} epochs",
+            )
+        )
+
+    model.eval()
+    batch = collate_prompts(val.items)
+    with torch.no_grad():
+        probs = model(batch["image"], batch["prompt"]).logits.sigmoid()
+    masks = batch["mask"]
+    images = [raw[i]["image"] for i in range(len(raw))]
+    paths.append(
+        viz.save_overlay_sheet(
+            out / "overlay_sheet.png", images, masks, probs, batch["prompt"], n=5, tile=192
+        )
+    )
+    with warnings.catch_warnings(record=True) as skipped:
+        warnings.simplefilter("always")
+        reliability = viz.save_reliability_diagram(
+            probs, masks, out / "reliability.png", title="clipseg-tiny, validation pixels"
+        )
+    for warning in skipped:  # no matplotlib: say so in one line and go on
+        print(warning.message)
+    if reliability is not None:
+        paths.append(reliability)
+    return paths
+
+
+def uncertainty_figure(out: Path, *, steps: int, image_size: int, seed: int) -> Path:
+    """Train medclipseg-tiny briefly and draw the MC uncertainty maps of one held-out image."""
+    seed_everything(seed)
+    model = vlsegkit.create_model("medclipseg-tiny", image_size=image_size)
+    train = SyntheticLesions(
+        length=64, image_size=image_size, seed=seed, mean=model.image_mean, std=model.image_std
+    )
+    criterion = MedCLIPSegLoss()
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=3e-3)
+    order = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(train), (8,), generator=order).tolist()
+        batch = collate_prompts([train[i] for i in idx])
+        loss = criterion(model(batch["image"], batch["prompt"]), batch["mask"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    item = SyntheticLesions(length=4, image_size=image_size, seed=seed + 1)[1]
+    result = model.predict_with_uncertainty([item["image"]], [item["prompt"]], 16, seed=seed)
+    sheet = viz.uncertainty_sheet(
+        item["image"],
+        result.mean[0],
+        result.entropy[0],
+        result.aleatoric[0],
+        result.epistemic[0],
+        prompt=item["prompt"],
+        mask=item["mask"],
+        tile=192,
+        title=f"medclipseg-tiny, 16 Monte Carlo samples ({steps} training steps)",
+    )
+    return viz.save_image(sheet, out / "uncertainty_sheet.png")
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=HERE / "images")
+    parser.add_argument("--epochs", type=int, default=12, help="clipseg-tiny training epochs")
+    parser.add_argument("--steps", type=int, default=40, help="medclipseg-tiny training steps")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    paths = segmentation_figures(
+        args.out, epochs=args.epochs, image_size=args.image_size, seed=args.seed
+    )
+    paths.append(
+        uncertainty_figure(args.out, steps=args.steps, image_size=args.image_size, seed=args.seed)
+    )
+    for path in paths:
+        _optimize_png(path)
+        size = path.stat().st_size / 1024
+        print(f"{path}  {Image.open(path).size[0]}x{Image.open(path).size[1]}  {size:.0f} KB")
+    print(f"done in {time.perf_counter() - start:.0f}s")
+    return paths
+
+
+if __name__ == "__main__":
+    main()
