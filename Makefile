@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 .PHONY: demo test lint docs clean
 
-LINT_PATHS := $(wildcard src tests examples benchmarks)
+LINT_PATHS := $(wildcard src tests examples benchmarks docs/*.py)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
