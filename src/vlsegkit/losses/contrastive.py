@@ -9,6 +9,8 @@ are aligned with text embeddings by a CLIP-style loss whose targets are *soft*: 
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Literal
 
 import torch
@@ -59,6 +61,11 @@ def soft_patch_contrastive_loss(
 
     Returns:
         Scalar loss.
+
+    Raises:
+        ValueError: a ``temperature`` that is not a finite number > 0, an unknown ``variant``, or
+            shapes other than ``(B, P, D)`` and ``(B, D)`` with ``B, P, D >= 1`` (a batch of size
+            0 included).
     """
     _check_inputs(patch_tokens, text_embeddings, temperature, variant)
     pooled = F.normalize(patch_tokens, dim=-1).mean(dim=1)
@@ -77,14 +84,25 @@ def soft_patch_contrastive_loss(
     )
 
 
-def _check_inputs(patch_tokens: Tensor, text: Tensor, temperature: float, variant: str) -> None:
+def _check_options(temperature: float, variant: str) -> None:
     if variant not in _VARIANTS:
         raise ValueError(f"variant must be one of {_VARIANTS}, got {variant!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if patch_tokens.dim() != 3 or patch_tokens.shape[1] == 0:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, numbers.Real)
+        or not math.isfinite(temperature)
+        or not temperature > 0
+    ):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def _check_inputs(patch_tokens: Tensor, text: Tensor, temperature: float, variant: str) -> None:
+    _check_options(temperature, variant)
+    if patch_tokens.dim() != 3 or 0 in patch_tokens.shape:
+        # A batch of size 0 would give mean() of nothing, a NaN loss.
         raise ValueError(
-            f"patch_tokens must have shape (B, P, D) with P >= 1, got {tuple(patch_tokens.shape)}"
+            f"patch_tokens must have shape (B, P, D) with B, P, D >= 1, got "
+            f"{tuple(patch_tokens.shape)}"
         )
     b, _, d = patch_tokens.shape
     if text.dim() != 2 or tuple(text.shape) != (b, d):
@@ -111,10 +129,7 @@ class SoftPatchContrastiveLoss(nn.Module):
 
     def __init__(self, *, temperature: float = 0.2, variant: Variant = "paper") -> None:
         super().__init__()
-        if variant not in _VARIANTS:
-            raise ValueError(f"variant must be one of {_VARIANTS}, got {variant!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        _check_options(temperature, variant)
         self.temperature, self.variant = float(temperature), variant
 
     def forward(self, patch_tokens: Tensor, text_embeddings: Tensor) -> Tensor:
