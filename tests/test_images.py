@@ -117,6 +117,8 @@ def test_output_owns_its_memory_for_numpy_input():
         (np.full((2, 2), 200.0), r"image: float images must be in \[0, 1\].*\[200, 200\].*255"),
         (np.full((2, 2), -0.5), r"image: float images must be in \[0, 1\].*normalisation"),
         (np.array([[0.5, np.nan]]), r"image: float images must be finite"),
+        # The alpha channel is dropped, but it is checked first: 2.0 means malformed data.
+        (np.array([[[0.0, 0.5, 1.0, 2.0]]] * 5), r"image: float images must be in \[0, 1\]"),
         (np.array([[0.5, np.inf]]), r"image: float images must be finite"),
         (np.zeros((2, 3, 4, 5), np.uint8), r"image: .*\(2, 3, 4, 5\).*list of images"),
         (np.zeros((5, 6, 2), np.uint8), r"image: .*C in \{1, 3, 4\}, got \(5, 6, 2\)"),

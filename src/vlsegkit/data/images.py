@@ -14,9 +14,10 @@ uint16 (numpy, ``torch.uint16``,       ``/ 65535``
 PIL ``I;16*``)
 PIL ``I`` (32-bit int, what older      read as 16-bit data: ``/ 65535``; values outside
 Pillow decodes 16-bit PNGs to)         ``[0, 65535]`` raise
-float (numpy, tensor, PIL ``F``)       kept; must lie in ``[0, 1]`` (a rounding slack of
-                                       ``1e-3`` is clamped); NaN, inf, or float data on
-                                       a 0-255 scale raise ``ValueError``
+float (numpy, tensor, PIL ``F``)       kept; every channel (alpha too) must lie in
+                                       ``[0, 1]`` (a rounding slack of ``1e-3`` is
+                                       clamped); NaN, inf, or float data on a 0-255
+                                       scale raise ``ValueError``
 bool (numpy, tensor, PIL ``1``)        bilevel: False → 0 (black), True → 1 (white)
 other integer dtypes (int8 ... int64,  ``ValueError``: their range is undefined (convert
 uint32, uint64)                        to uint8, uint16 or float in [0, 1])
@@ -142,7 +143,9 @@ def _from_array(arr: np.ndarray, *, layout: str) -> Tensor:
         # torch has no general uint16 support (before 2.3 none at all): scale in numpy.
         hwc = _to_hwc(arr, layout, "numpy array")
         t = torch.from_numpy(np.ascontiguousarray(hwc, dtype=np.float32)) / _UINT16_MAX
-        return _to_three_channels(t.permute(2, 0, 1))
+        chw = t.permute(2, 0, 1)
+        _check_size(chw)
+        return _to_three_channels(chw)
     kind = arr.dtype.kind
     _check_dtype(str(arr.dtype), kind == "f" or kind == "b" or arr.dtype == np.uint8)
     hwc = _to_hwc(arr, layout, "numpy array")
@@ -153,6 +156,7 @@ def _from_array(arr: np.ndarray, *, layout: str) -> Tensor:
 def _from_tensor(t: Tensor) -> Tensor:
     if getattr(torch, "uint16", None) is not None and t.dtype == torch.uint16:
         chw = _to_chw(t, "tensor")
+        _check_size(chw)
         return _to_three_channels(chw.to(torch.float32) / _UINT16_MAX)
     _check_dtype(str(t.dtype), t.is_floating_point() or t.dtype in (torch.uint8, torch.bool))
     return _finish(_to_chw(t, "tensor"))
@@ -222,10 +226,15 @@ def _to_chw(t: Tensor, what: str) -> Tensor:
     return t.permute(2, 0, 1) if found == "hwc" else t
 
 
-def _to_three_channels(t: Tensor) -> Tensor:
-    """``(C, H, W)`` with C in {1, 3, 4} → ``(3, H, W)``; checks the size."""
+def _check_size(t: Tensor) -> None:
     if t.shape[-1] == 0 or t.shape[-2] == 0:
-        raise ValueError(f"image: height and width must be non-zero, got (H, W) = {t.shape[-2:]}")
+        raise ValueError(
+            f"image: height and width must be non-zero, got (H, W) = {tuple(t.shape[-2:])}"
+        )
+
+
+def _to_three_channels(t: Tensor) -> Tensor:
+    """``(C, H, W)`` with C in {1, 3, 4} → ``(3, H, W)``: grey repeated, alpha dropped."""
     if t.shape[0] == 4:
         return t[:3]
     if t.shape[0] == 1:
@@ -235,14 +244,16 @@ def _to_three_channels(t: Tensor) -> Tensor:
 
 def _finish(t: Tensor) -> Tensor:
     """uint8 stays uint8; bool and float become float32, float after a range check."""
-    t = _to_three_channels(t)
+    _check_size(t)
     if t.dtype == torch.uint8:
-        return t
+        return _to_three_channels(t)
     if t.dtype == torch.bool:  # bilevel, as PIL's mode '1': nothing to check
-        return t.float()
-    t = t.float()
-    # One reduction and one device sync, whatever the image size.
+        return _to_three_channels(t).float()
+    # One reduction and one device sync, whatever the image size, over every channel given (alpha
+    # too: a malformed alpha means malformed data). In the input's own precision, so a float64 value
+    # that fits the range is not pushed out of it (or to inf) by rounding.
     lo, hi = torch.stack(torch.aminmax(t.detach())).tolist()
+    t = _to_three_channels(t.float())
     if not (lo >= -_FLOAT_SLACK and hi <= 1 + _FLOAT_SLACK):  # also catches NaN
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise ValueError("image: float images must be finite, got NaN or infinite values")
