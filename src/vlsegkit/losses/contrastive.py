@@ -21,6 +21,9 @@ __all__ = ["SoftPatchContrastiveLoss", "soft_patch_contrastive_loss"]
 
 Variant = Literal["paper", "released"]
 _VARIANTS = ("paper", "released")
+# Cosine similarities are divided by tau: below this, 1 / tau overflows fp16 under autocast (and
+# far below it, fp32), which makes the loss NaN. MedCLIPSeg uses 0.2, CLIP's smallest is 0.01.
+_MIN_TEMPERATURE = 1e-4
 
 
 def _soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -56,14 +59,14 @@ def soft_patch_contrastive_loss(
     Args:
         patch_tokens: ``(B, P, D)`` final patch embeddings in the joint space (CLS removed).
         text_embeddings: ``(B, D)`` global text embeddings ([EOS] / [CLS] after projection).
-        temperature: ``tau`` (0.2 in the paper).
+        temperature: ``tau`` (0.2 in the paper), at least 1e-4 (smaller values overflow).
         variant: ``"paper"`` or ``"released"``.
 
     Returns:
         Scalar loss.
 
     Raises:
-        ValueError: a ``temperature`` that is not a finite number > 0, an unknown ``variant``, or
+        ValueError: a ``temperature`` that is not a finite number >= 1e-4, an unknown ``variant``, or
             shapes other than ``(B, P, D)`` and ``(B, D)`` with ``B, P, D >= 1`` (a batch of size
             0 included).
     """
@@ -91,9 +94,11 @@ def _check_options(temperature: float, variant: str) -> None:
         isinstance(temperature, bool)
         or not isinstance(temperature, numbers.Real)
         or not math.isfinite(temperature)
-        or not temperature > 0
+        or not temperature >= _MIN_TEMPERATURE
     ):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        raise ValueError(
+            f"temperature must be a finite number >= {_MIN_TEMPERATURE:g}, got {temperature!r}"
+        )
 
 
 def _check_inputs(patch_tokens: Tensor, text: Tensor, temperature: float, variant: str) -> None:

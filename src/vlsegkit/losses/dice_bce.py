@@ -57,9 +57,19 @@ def _check_inputs(logits: Tensor, target: Tensor) -> None:
             )
 
 
+# The loss is computed in (at least) float32: a larger weight or smooth becomes inf there, and
+# inf * 0 or inf / inf make the loss NaN.
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def _check_number(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or abs(value) > _FLOAT32_MAX
+    ):
+        raise ValueError(f"{name} must be a finite number (in float32 range), got {value!r}")
 
 
 def _check_options(dice_weight: float, bce_weight: float, smooth: float, reduction: str) -> None:
