@@ -243,7 +243,8 @@ class ImageMaskPromptDataset(Dataset):
             value is not above ``T`` raises unless it is empty).
         mask_values: foreground pixel values of binary masks, e.g. ``(255,)``, ``(1,)`` or
             ``(1, 2)``; an int is one value. Exclusive with ``mask_threshold``. For palette
-            images these are palette indices.
+            images these are palette indices. Label-map samples (``class_value`` set) ignore
+            both options.
         interpolation: image resize interpolation, ``"bilinear"`` (medvlsm), ``"bicubic"``
             (TuneVLSeg) or ``"nearest"``.
         seed: None draws prompts and augmentations from the global ``random`` / torch generators
@@ -251,7 +252,8 @@ class ImageMaskPromptDataset(Dataset):
             ``(seed, epoch, i)`` (see ``set_epoch``).
         check_files: check at construction that every file exists.
         check_masks: how many masks (evenly spaced over the samples) to read at construction to
-            check their encoding and warn when all of them are empty; 0 reads none.
+            check their encoding and warn when all of them are empty; 0 reads none (also needed
+            with ``check_files=False`` when the files do not exist yet).
     """
 
     def __init__(
