@@ -5,6 +5,7 @@ determinism and the errors that name the offending file."""
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -20,6 +21,7 @@ from vlsegkit.data import (
     SegmentationSample,
     collate_prompts,
 )
+from vlsegkit.data.images import to_image_tensor
 
 
 def save(path, array, mode=None):
@@ -152,13 +154,19 @@ def test_folder_binary_with_suffix_prompts_file_and_negatives(tmp_path):
     same = ImageMaskPromptDataset.from_folder(shared, images=".", masks=".", mask_suffix="_mask")
     assert [s.image.name for s in same.samples] == ["c.png"]
     assert same[0]["mask"].mean() == pytest.approx(0.25)
-    # 0/1 masks need mask_threshold=0.
+    # 0/1 masks are detected as such (they used to need mask_threshold=0 and were silently
+    # empty under the old default threshold of 127, which now raises instead).
     save(root / "masks" / "1_benign_mask.png", block_mask(10, 12, (2, 6), (3, 9), value=1))
-    assert ImageMaskPromptDataset.from_folder(root, mask_suffix="_mask")[0]["mask"].sum() == 0
+    detected = ImageMaskPromptDataset.from_folder(root, mask_suffix="_mask", image_size=None)
+    assert detected[0]["mask"].sum() == 24
     zero_one = ImageMaskPromptDataset.from_folder(
         root, mask_suffix="_mask", mask_threshold=0, image_size=None
     )
     assert zero_one[0]["mask"].sum() == 24
+    with pytest.raises(
+        ValueError, match=r"mask_threshold=127 is not below the largest value \(1\)"
+    ):
+        ImageMaskPromptDataset.from_folder(root, mask_suffix="_mask", mask_threshold=127)
 
 
 def test_multiclass_label_maps_expand_per_class(tmp_path):
@@ -220,8 +228,12 @@ def test_palette_and_16_bit_files(tmp_path):
     ds = ImageMaskPromptDataset.from_folder(root, classes={2: "vessel"}, image_size=None)
     item = ds[0]
     assert item["mask"].sum() == 16
-    top_bits = torch.from_numpy((sixteen >> 8).astype(np.float32)) / 255
-    torch.testing.assert_close(item["image"], top_bits.expand(3, -1, -1), rtol=0, atol=0)
+    # 16-bit images keep their 16 bits (they used to lose the low 8), the same as to_image_tensor
+    # gives predict for the same file.
+    full = torch.from_numpy(sixteen.astype(np.float64) / 65535).float()
+    torch.testing.assert_close(item["image"], full.expand(3, -1, -1), rtol=0, atol=1e-7)
+    same = to_image_tensor(Image.open(root / "images" / "x.png"))
+    assert torch.equal(item["image"], same)
 
 
 # --------------------------------------------------------------------------- templates, transforms
@@ -356,3 +368,236 @@ def test_bad_annotations_and_options(medvlsm_root):
         ImageMaskPromptDataset([("a.png", "a.png")])
     sample = SegmentationSample(medvlsm_root / "images" / "a.png", medvlsm_root / "masks" / "a.png")
     assert ImageMaskPromptDataset([sample], image_size=None)[0]["prompt"] == ""
+
+
+# --------------------------------------------------------------------------- mask encodings
+# Each case writes a mask file whose foreground is known by construction (BLOCK: rows 2-5,
+# columns 3-8 of a 10 x 12 image, 4 * 6 = 24 pixels) and checks the sample's mask against it.
+BLOCK = block_mask(10, 12, (2, 6), (3, 9), value=1).astype(bool)
+
+
+def one_image_folder(tmp_path, mask_writer, name="m.png"):
+    """``<tmp>/enc/{images/m.png, masks/<name>}`` with the mask written by ``mask_writer(path)``."""
+    root = tmp_path / "enc"
+    save(root / "images" / "m.png", rgb(10, 12, 5))
+    (root / "masks").mkdir(parents=True)
+    mask_writer(root / "masks" / name)
+    return root
+
+
+def read_block(root, **kwargs):
+    ds = ImageMaskPromptDataset.from_folder(root, image_size=None, **kwargs)
+    return ds[0]["mask"][0].numpy().astype(bool)
+
+
+def palette_image(index, colours):
+    img = Image.fromarray(index.astype(np.uint8), mode="P")
+    img.putpalette([c for colour in colours for c in colour])
+    return img
+
+
+@pytest.mark.parametrize(
+    "writer",
+    [
+        # 0/1 and 0/255 greyscale, 8 and 16 bits (0/1 used to be read as all background).
+        lambda p: Image.fromarray(BLOCK.astype(np.uint8)).save(p),
+        lambda p: Image.fromarray(BLOCK.astype(np.uint8) * 255).save(p),
+        lambda p: Image.fromarray(BLOCK.astype(np.uint16)).save(p),
+        lambda p: Image.fromarray(BLOCK.astype(np.uint16) * 255).save(p),
+        lambda p: Image.fromarray(BLOCK.astype(np.uint16) * 65535).save(p),
+        # Bilevel.
+        lambda p: Image.fromarray(BLOCK).save(p),
+        # Palette: index 1 with a white colour, and index 5 whose colour is white (grey palette).
+        lambda p: palette_image(BLOCK, [(0, 0, 0), (255, 255, 255)]).save(p),
+        lambda p: palette_image(BLOCK * 5, [(0, 0, 0)] * 5 + [(255, 255, 255)]).save(p),
+        # Grey-looking RGB and RGBA (alpha ignored), 0/1 and 0/255.
+        lambda p: Image.fromarray(np.repeat(BLOCK[..., None], 3, -1).astype(np.uint8)).save(p),
+        lambda p: Image.fromarray(
+            np.concatenate(
+                [np.repeat(BLOCK[..., None], 3, -1) * 255, np.full((10, 12, 1), 128)], axis=-1
+            ).astype(np.uint8)
+        ).save(p),
+        # Grey with alpha.
+        lambda p: Image.fromarray(
+            np.stack([BLOCK * 255, np.full((10, 12), 255)], -1).astype(np.uint8), mode="LA"
+        ).save(p),
+    ],
+    ids=[
+        "01-8bit",
+        "0-255-8bit",
+        "01-16bit",
+        "0-255-16bit",
+        "0-65535-16bit",
+        "bilevel",
+        "palette-01",
+        "palette-grey-colour",
+        "rgb-01",
+        "rgba-0-255",
+        "la-0-255",
+    ],
+)
+def test_binary_mask_encodings_are_detected_per_file(tmp_path, writer):
+    root = one_image_folder(tmp_path, writer)
+    assert np.array_equal(read_block(root), BLOCK)
+
+
+def test_float_tiff_masks(tmp_path):
+    root = one_image_folder(
+        tmp_path, lambda p: Image.fromarray(BLOCK.astype(np.float32)).save(p), "m.tif"
+    )
+    assert np.array_equal(read_block(root), BLOCK)
+    soft = np.where(BLOCK, 0.75, 0.125).astype(np.float32)
+    Image.fromarray(soft).save(root / "masks" / "m.tif")
+    with pytest.raises(
+        ValueError, match=r"m.tif' \(float \(mode 'F'\)\) has values \{0.125, 0.75\}"
+    ):
+        read_block(root)
+    assert np.array_equal(read_block(root, mask_threshold=0.5), BLOCK)
+
+
+def test_encodings_differ_between_files_of_one_dataset(tmp_path):
+    root = tmp_path / "mixed"
+    for i, (scale, dtype) in enumerate([(1, np.uint8), (255, np.uint8), (65535, np.uint16)]):
+        save(root / "images" / f"{i}.png", rgb(10, 12, i))
+        save(root / "masks" / f"{i}.png", BLOCK.astype(dtype) * dtype(scale))
+    ds = ImageMaskPromptDataset.from_folder(root, image_size=None)
+    for i in range(3):
+        assert np.array_equal(ds[i]["mask"][0].numpy().astype(bool), BLOCK)
+
+
+def test_json_layout_reads_0_1_masks_and_takes_mask_values(tmp_path):
+    root = tmp_path / "json01"
+    save(root / "images" / "a.png", rgb(10, 12, 0))
+    save(root / "masks" / "a.png", BLOCK.astype(np.uint8))
+    labels = BLOCK.astype(np.uint8) * 7
+    labels[0, 0] = 200
+    save(root / "masks" / "b.png", labels)
+    entries = [
+        {"img_name": "a.png", "mask_name": m, "prompts": "polyp"} for m in ("a.png", "b.png")
+    ]
+    (root / "anns").mkdir()
+    (root / "anns" / "train.json").write_text(json.dumps(entries[:1]))
+    (root / "anns" / "two.json").write_text(json.dumps(entries))
+    ds = ImageMaskPromptDataset.from_medvlsm(root, image_size=None)
+    assert np.array_equal(ds[0]["mask"][0].numpy().astype(bool), BLOCK)
+    # {0, 7, 200} fits no binary encoding: a clear error, already at construction.
+    with pytest.raises(ValueError, match=r"mask '.*b.png' \(8-bit grey.*\{0, 7, 200\}.*classes="):
+        ImageMaskPromptDataset.from_json(root / "anns" / "two.json")
+    picked = ImageMaskPromptDataset.from_json(
+        root / "anns" / "two.json", mask_values=(1, 7), image_size=None
+    )
+    assert np.array_equal(picked[1]["mask"][0].numpy().astype(bool), BLOCK)
+    assert np.array_equal(picked[0]["mask"][0].numpy().astype(bool), BLOCK)
+    with pytest.raises(ValueError, match=r"mask '.*a.png'.*\{0, 1\}, none of them in mask_values"):
+        ImageMaskPromptDataset.from_json(root / "anns" / "two.json", mask_values=255)
+
+
+def test_masks_that_fit_no_encoding_raise_naming_the_file(tmp_path):
+    red = np.zeros((10, 12, 3), np.uint8)
+    red[BLOCK] = (255, 0, 0)  # read through luminance (76) it used to be all background
+    root = one_image_folder(tmp_path, lambda p: Image.fromarray(red).save(p))
+    with pytest.raises(ValueError, match=r"mask '.*m.png' is a colour image \(mode 'RGB'\).*"):
+        read_block(root)
+    palette_image(BLOCK * 5, [(0, 0, 0)] * 5 + [(255, 0, 0)]).save(root / "masks" / "m.png")
+    with pytest.raises(ValueError, match=r"mask '.*m.png' \(palette \(mode 'P'\)\) has values"):
+        read_block(root)
+    # The same palette mask with explicit values, and as a label map.
+    assert np.array_equal(read_block(root, mask_values=[5]), BLOCK)
+    assert np.array_equal(read_block(root, classes={5: "lesion"}), BLOCK)
+
+
+def test_mask_threshold_and_mask_values_options(tmp_path):
+    grey = np.where(BLOCK, 180, 60).astype(np.uint8)
+    root = one_image_folder(tmp_path, lambda p: Image.fromarray(grey).save(p))
+    with pytest.raises(ValueError, match=r"\{60, 180\}, which fit no binary mask encoding"):
+        read_block(root)
+    assert np.array_equal(read_block(root, mask_threshold=100), BLOCK)
+    assert np.array_equal(read_block(root, mask_values=180), BLOCK)
+    with pytest.raises(ValueError, match=r"mask_threshold=180 is not below the largest value"):
+        read_block(root, mask_threshold=180)
+    with pytest.raises(ValueError, match=r"mask_threshold=300 is not below the largest value a"):
+        read_block(root, mask_threshold=300)
+    for kwargs, match in (
+        ({"mask_threshold": -1}, "mask_threshold must be None"),
+        ({"mask_threshold": float("nan")}, "mask_threshold must be None"),
+        ({"mask_threshold": True}, "mask_threshold must be None"),
+        ({"mask_threshold": "127"}, "mask_threshold must be None"),
+        ({"mask_values": []}, "mask_values must be"),
+        ({"mask_values": -1}, "mask_values must be"),
+        ({"mask_values": (1.5,)}, "mask_values must be"),
+        ({"mask_values": True}, "mask_values must be"),
+        ({"mask_values": "255"}, "mask_values must be"),
+        ({"mask_values": 1, "mask_threshold": 0}, "exclusive"),
+        ({"check_masks": -1}, "check_masks"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            ImageMaskPromptDataset.from_folder(root, **kwargs)
+
+
+def test_all_empty_masks_warn_once_with_the_count(tmp_path):
+    root = tmp_path / "empty"
+    for i in range(20):
+        save(root / "images" / f"{i:02d}.png", rgb(6, 6, i))
+        save(root / "masks" / f"{i:02d}.png", np.zeros((6, 6), np.uint8))
+    with pytest.warns(UserWarning, match=r"all 16 masks checked of the 20 samples are empty"):
+        ImageMaskPromptDataset.from_folder(root)
+    with pytest.warns(UserWarning, match=r"all 3 masks checked of the 20 samples are empty"):
+        ImageMaskPromptDataset.from_folder(root, check_masks=3)
+    # The last file is among the evenly spaced ones checked: one foreground pixel, no warning.
+    save(root / "masks" / "19.png", block_mask(6, 6, (0, 1), (0, 1)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ImageMaskPromptDataset.from_folder(root)
+        # check_masks=0 reads no mask at construction: a broken one is found at item time.
+        (root / "masks" / "00.png").write_bytes(b"broken")
+        lazy = ImageMaskPromptDataset.from_folder(root, check_masks=0)
+    with pytest.raises(ValueError, match=r"cannot read mask file '.*00.png'"):
+        lazy[0]
+    with pytest.raises(ValueError, match=r"cannot read mask file '.*00.png'"):
+        ImageMaskPromptDataset.from_folder(root)
+
+
+def test_image_files_convert_like_to_image_tensor(tmp_path):
+    root = tmp_path / "imgs"
+    rgba = np.random.default_rng(9).integers(0, 256, (10, 12, 4), dtype=np.uint8)
+    save(root / "images" / "rgba.png", rgba)
+    index = np.random.default_rng(9).integers(0, 3, (10, 12), dtype=np.uint8)
+    palette_image(index, [(255, 0, 0), (0, 255, 0), (0, 0, 255)]).save(root / "images" / "pal.png")
+    Image.fromarray(np.full((10, 12), 0.5, np.float32)).save(root / "images" / "half.tif")
+    for stem in ("rgba", "pal", "half"):
+        save(root / "masks" / f"{stem}.png", BLOCK.astype(np.uint8))
+    ds = ImageMaskPromptDataset.from_folder(root, image_size=None)
+    by_name = {s.image.stem: i for i, s in enumerate(ds.samples)}
+    expected_rgba = torch.from_numpy(rgba[..., :3].astype(np.float64) / 255).permute(2, 0, 1)
+    torch.testing.assert_close(ds[by_name["rgba"]]["image"], expected_rgba.float())
+    colours = torch.eye(3)[torch.from_numpy(index).long()].permute(2, 0, 1)  # red, green, blue
+    assert torch.equal(ds[by_name["pal"]]["image"], colours)
+    assert torch.equal(ds[by_name["half"]]["image"], torch.full((3, 10, 12), 0.5))
+    for stem, i in by_name.items():
+        same = to_image_tensor(Image.open(ds.samples[i].image))
+        assert torch.equal(ds[i]["image"], same), stem
+    # Float files outside [0, 1] raise, naming the file.
+    Image.fromarray(np.full((10, 12), 200.0, np.float32)).save(root / "images" / "half.tif")
+    with pytest.raises(ValueError, match=r"image file '.*half.tif': image: float images must be"):
+        ds[by_name["half"]]
+
+
+def test_16_bit_images_resize_and_augment_as_float(tmp_path):
+    root = tmp_path / "sixteen"
+    ramp = (np.arange(100, dtype=np.uint16).reshape(10, 10) * 655).astype(np.uint16)
+    save(root / "images" / "a.png", ramp)
+    save(root / "masks" / "a.png", block_mask(10, 10, (2, 6), (3, 9)))
+    seen = {}
+
+    def spy(image, mask):
+        seen["dtype"] = image.dtype
+        return image, mask
+
+    ds = ImageMaskPromptDataset.from_folder(
+        root, image_size=20, interpolation="bicubic", transform=spy
+    )
+    item = ds[0]
+    assert seen["dtype"] == torch.float32
+    assert item["image"].min() >= 0 and item["image"].max() <= 1
+    raw, _ = ds.load(0)
+    torch.testing.assert_close(raw[0], torch.from_numpy(ramp / 65535.0).float(), rtol=0, atol=1e-7)

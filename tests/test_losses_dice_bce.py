@@ -168,3 +168,77 @@ def test_bad_options(kwargs, match):
         DiceBCELoss(**kwargs)
     with pytest.raises(ValueError, match=match):
         dice_bce_loss(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), **kwargs)
+
+
+# --------------------------------------------------------------------------- bad values
+@pytest.mark.parametrize(
+    ("target", "found"),
+    [
+        # 0/255 masks used to give a negative BCE (and a Dice far above 1 in the overlap term).
+        (torch.tensor([[[[0.0, 255.0], [255.0, 0.0]]]]), r"values in \[0, 255\]"),
+        (torch.tensor([[[[0, 255], [255, 0]]]], dtype=torch.uint8), r"values in \[0, 255\]"),
+        (torch.tensor([[[[-1.0, 1.0], [1.0, -1.0]]]]), r"values in \[-1, 1\]"),
+        (torch.tensor([[[[0.0, float("nan")], [1.0, 0.0]]]]), r"got NaN"),
+        (torch.tensor([[[[0.0, float("inf")], [1.0, 0.0]]]]), r"values in \[0, inf\]"),
+    ],
+)
+def test_targets_outside_0_1_raise(target, found):
+    logits = torch.zeros(1, 1, 2, 2)
+    match = r"target must hold values in \[0, 1\].*" + found
+    with pytest.raises(ValueError, match=match):
+        DiceBCELoss()(logits, target)
+    with pytest.raises(ValueError, match=match):
+        dice_bce_loss(logits, target, reduction="none")
+
+
+def test_integer_0_1_targets_give_the_float_loss():
+    logits = torch.tensor([[[[2.0, -1.0], [0.5, -3.0]]]])
+    target = torch.tensor([[[[1, 0], [1, 0]]]], dtype=torch.uint8)
+    # p = sigmoid(logits); Dice = 1 - (2 * (p00 + p10) + 1) / (sum p + 2 + 1); BCE = mean -log.
+    p = torch.sigmoid(logits.double())[0, 0]
+    dice = 1 - (2 * (p[0, 0] + p[1, 0]) + 1) / (p.sum() + 2 + 1)
+    bce = -(p[0, 0].log() + (1 - p[0, 1]).log() + p[1, 0].log() + (1 - p[1, 1]).log()) / 4
+    expected = (0.5 * dice + 0.5 * bce).float()
+    torch.testing.assert_close(DiceBCELoss()(logits, target), expected)
+
+
+def test_empty_batches_raise_instead_of_nan():
+    for shape in ((0, 1, 4, 4), (2, 0, 4, 4), (2, 1, 0, 4)):
+        with pytest.raises(ValueError, match=r"logits must not be empty.*" + str(shape[0])):
+            DiceBCELoss()(torch.zeros(shape), torch.zeros(shape))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dice_weight": float("nan")}, r"dice_weight must be a finite number.*got nan"),
+        ({"bce_weight": float("inf")}, r"bce_weight must be a finite number.*got inf"),
+        ({"bce_weight": -0.5}, r"bce_weight must be >= 0"),
+        ({"dice_weight": True}, r"dice_weight must be a finite number"),
+        ({"dice_weight": "0.5"}, r"dice_weight must be a finite number"),
+        ({"dice_weight": 0.0, "bce_weight": 0.0}, r"both 0"),
+        ({"smooth": float("inf")}, r"smooth must be a finite number"),
+        ({"smooth": float("nan")}, r"smooth must be a finite number"),
+        # Finite in float64 but inf in the float32 computation: the loss was NaN.
+        ({"smooth": 1e300}, r"smooth must be a finite number \(in float32 range\)"),
+        ({"dice_weight": 1e300}, r"dice_weight must be a finite number \(in float32 range\)"),
+    ],
+)
+def test_non_finite_and_negative_weights_raise_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DiceBCELoss(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        dice_bce_loss(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), **kwargs)
+
+
+def test_medclipseg_loss_inherits_the_target_check():
+    from vlsegkit.models import MedCLIPSegLoss, SegmentationOutput
+
+    out = SegmentationOutput(
+        logits=torch.zeros(2, 1, 4, 4),
+        extras={"patch_tokens": torch.randn(2, 1, 3, 8), "text_embeddings": torch.randn(2, 1, 8)},
+    )
+    loss = MedCLIPSegLoss()
+    assert torch.isfinite(loss(out, torch.ones(2, 4, 4)))
+    with pytest.raises(ValueError, match=r"target must hold values in \[0, 1\]"):
+        loss(out, torch.full((2, 4, 4), 255, dtype=torch.uint8))

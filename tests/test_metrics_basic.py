@@ -7,7 +7,16 @@ import math
 import pytest
 import torch
 
-from vlsegkit.metrics import MetricTracker, SegmentationMeter, dice_score, iou_score
+from vlsegkit.metrics import (
+    CalibrationMeter,
+    MetricTracker,
+    SegmentationMeter,
+    brier_score,
+    dice_score,
+    hausdorff_distance,
+    iou_score,
+    normalized_surface_dice,
+)
 
 
 def masks(*grids):
@@ -98,6 +107,62 @@ def test_shape_errors(pred_shape, target_shape, match):
     for fn in (dice_score, iou_score):
         with pytest.raises(ValueError, match=match):
             fn(torch.zeros(pred_shape), torch.zeros(target_shape))
+
+
+# --------------------------------------------------------------------------- bad values
+# Logits: PRED as scores of +-4 (sigmoid > 0.5 exactly where PRED is 1), which the old code
+# thresholded at 0.5 as if they were probabilities (foreground = score > 0.5) without a word.
+LOGITS = PRED * 8 - 4
+
+
+@pytest.mark.parametrize("fn", [dice_score, iou_score, normalized_surface_dice, hausdorff_distance])
+def test_logits_and_nan_predictions_raise(fn):
+    with pytest.raises(
+        ValueError, match=r"pred must hold probabilities in \[0, 1\].*sigmoid.*\[-4, 4\]"
+    ):
+        fn(LOGITS, TARGET)
+    nan = PRED.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"pred must hold probabilities.*got NaN values"):
+        fn(nan, TARGET)
+    with pytest.raises(ValueError, match=r"pred must hold probabilities"):
+        fn(PRED * float("inf"), TARGET)
+
+
+@pytest.mark.parametrize("fn", [dice_score, iou_score, brier_score])
+def test_targets_outside_0_1_and_nan_raise(fn):
+    with pytest.raises(ValueError, match=r"target must hold ground truth in \[0, 1\].*\[0, 255\]"):
+        fn(PRED, TARGET * 255)
+    with pytest.raises(ValueError, match=r"target must .*\[-1, 1\]"):
+        fn(PRED, TARGET * 2 - 1)
+    nan = TARGET.clone()
+    nan[1, 0, 2, 2] = float("nan")  # used to be read as background
+    with pytest.raises(ValueError, match=r"target must .*got NaN values"):
+        fn(PRED, nan)
+
+
+def test_integer_and_bool_masks_in_0_1_are_accepted():
+    expected = torch.tensor(DICE)
+    for dtype in (torch.uint8, torch.int64, torch.bool):
+        got = dice_score(PRED.to(dtype), TARGET.to(dtype))
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), 0.0, 1.0, 2.0, -0.5, True, "0.5", None])
+def test_thresholds_outside_0_1_raise_everywhere(threshold):
+    match = r"threshold must be a probability strictly between 0 and 1"
+    for fn in (dice_score, iou_score, normalized_surface_dice, hausdorff_distance):
+        with pytest.raises(ValueError, match=match):
+            fn(PRED, TARGET, threshold=threshold)
+    with pytest.raises(ValueError, match=match):
+        SegmentationMeter(threshold=threshold)
+
+
+def test_calibration_meter_refuses_nan():
+    meter = CalibrationMeter()
+    with pytest.raises(ValueError, match=r"pred must hold probabilities.*NaN"):
+        meter.update(torch.full((1, 1, 2, 2), float("nan")), torch.zeros(1, 1, 2, 2))
+    assert meter.count == 0
 
 
 def test_segmentation_meter_averages_over_images_not_batches():

@@ -163,5 +163,15 @@ def test_bad_inputs():
         soft_patch_contrastive_loss(patches, text[:, :5])
     with pytest.raises(ValueError, match="temperature"):
         SoftPatchContrastiveLoss(temperature=0.0)
+    for bad in (float("nan"), float("inf"), -1.0, 1e-129, True, "0.2"):
+        with pytest.raises(ValueError, match=r"temperature must be a finite number >= 0.0001"):
+            SoftPatchContrastiveLoss(temperature=bad)
+        with pytest.raises(ValueError, match=r"temperature must be a finite number >= 0.0001"):
+            soft_patch_contrastive_loss(patches, text, temperature=bad)
+    # A batch of size 0 used to return NaN.
+    with pytest.raises(ValueError, match=r"patch_tokens must have shape \(B, P, D\) with B, P, D"):
+        soft_patch_contrastive_loss(patches[:0], text[:0])
+    with pytest.raises(ValueError, match=r"patch_tokens .*got \(4, 5, 0\)"):
+        soft_patch_contrastive_loss(patches[..., :0], text[:, :0])
     with pytest.raises(ValueError, match="variant"):
         SoftPatchContrastiveLoss(variant="code")

@@ -90,6 +90,48 @@ def _binary(x: Tensor, threshold: float) -> Tensor:
     return x if x.dtype == torch.bool else x > threshold
 
 
+def _check_threshold(threshold: float) -> None:
+    # 0 and 1 are excluded: "p > 0" calls every non-zero probability foreground and "p > 1" nothing.
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, numbers.Real)
+        or not 0 < threshold < 1
+    ):
+        raise ValueError(
+            f"threshold must be a probability strictly between 0 and 1, got {threshold!r}"
+        )
+
+
+def _check_values(pred: Tensor, target: Tensor) -> None:
+    """``pred`` and ``target`` in [0, 1] without NaN: one min/max reduction each, one device sync."""
+    checked = [
+        (name, t)
+        for name, t in (("pred", pred), ("target", target))
+        if t.dtype != torch.bool and t.numel() > 0
+    ]
+    if not checked:
+        return
+    bounds = torch.stack(
+        [bound.double() for _, t in checked for bound in torch.aminmax(t.detach())]
+    ).tolist()
+    for i, (name, _) in enumerate(checked):
+        lo, hi = bounds[2 * i], bounds[2 * i + 1]
+        if lo >= 0 and hi <= 1:  # False for NaN, which aminmax propagates
+            continue
+        found = (
+            "NaN values" if math.isnan(lo) or math.isnan(hi) else f"values in [{lo:.4g}, {hi:.4g}]"
+        )
+        if name == "pred":
+            raise ValueError(
+                "pred must hold probabilities in [0, 1] (apply torch.sigmoid to logits first) or be "
+                f"a bool mask, got {found}"
+            )
+        raise ValueError(
+            "target must hold ground truth in [0, 1] (divide 0/255 masks by 255) or be a bool "
+            f"mask, got {found}"
+        )
+
+
 def _check_pair(pred: Tensor, target: Tensor) -> None:
     if pred.ndim != 4 or pred.shape[1] != 1:
         raise ValueError(
@@ -100,10 +142,12 @@ def _check_pair(pred: Tensor, target: Tensor) -> None:
         raise ValueError(
             f"target must have the same shape as pred {tuple(pred.shape)}, got {tuple(target.shape)}"
         )
+    _check_values(pred, target)
 
 
 def _binary_pair(pred: Tensor, target: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
     """Validated ``(B, H, W)`` bool prediction and ground truth."""
+    _check_threshold(threshold)
     _check_pair(pred, target)
     # Ground truth in {0, 1} (or bool); soft labels are binarised at 0.5.
     return _binary(pred, threshold)[:, 0], _binary(target, 0.5)[:, 0]
@@ -122,14 +166,20 @@ def dice_score(
     """Per-image Dice coefficient ``2·|P ∩ G| / (|P| + |G|)`` of binarised masks.
 
     Args:
-        pred: ``(B, 1, H, W)`` probabilities (binarised as ``pred > threshold``) or a bool mask.
-        target: ``(B, 1, H, W)`` ground truth in {0, 1} (binarised at 0.5) or bool.
-        threshold: probability threshold for ``pred``.
+        pred: ``(B, 1, H, W)`` probabilities in [0, 1] (binarised as ``pred > threshold``) or a
+            bool mask; logits and NaN raise.
+        target: ``(B, 1, H, W)`` ground truth in {0, 1} (binarised at 0.5; values outside [0, 1]
+            raise) or bool.
+        threshold: probability threshold for ``pred``, strictly between 0 and 1.
         empty_score: score of an image whose prediction and ground truth are both empty (1.0 as in
             medvlsm; NaN to exclude such images from means).
 
     Returns:
         ``(B,)`` float32 scores in [0, 1] on ``pred``'s device.
+
+    Raises:
+        ValueError: shapes differ from ``(B, 1, H, W)``, values outside [0, 1] or NaN in ``pred``
+            or ``target``, or ``threshold`` not in (0, 1).
     """
     inter, p_sum, g_sum = _counts(pred, target, threshold)
     denom = p_sum + g_sum
@@ -143,13 +193,19 @@ def iou_score(
     """Per-image intersection over union (Jaccard) ``|P ∩ G| / |P ∪ G|`` of binarised masks.
 
     Args:
-        pred: ``(B, 1, H, W)`` probabilities (binarised as ``pred > threshold``) or a bool mask.
-        target: ``(B, 1, H, W)`` ground truth in {0, 1} (binarised at 0.5) or bool.
-        threshold: probability threshold for ``pred``.
+        pred: ``(B, 1, H, W)`` probabilities in [0, 1] (binarised as ``pred > threshold``) or a
+            bool mask; logits and NaN raise.
+        target: ``(B, 1, H, W)`` ground truth in {0, 1} (binarised at 0.5; values outside [0, 1]
+            raise) or bool.
+        threshold: probability threshold for ``pred``, strictly between 0 and 1.
         empty_score: score when both masks are empty (see ``dice_score``).
 
     Returns:
         ``(B,)`` float32 scores in [0, 1] on ``pred``'s device.
+
+    Raises:
+        ValueError: shapes differ from ``(B, 1, H, W)``, values outside [0, 1] or NaN in ``pred``
+            or ``target``, or ``threshold`` not in (0, 1).
     """
     inter, p_sum, g_sum = _counts(pred, target, threshold)
     union = p_sum + g_sum - inter
@@ -345,11 +401,13 @@ def normalized_surface_dice(
     docstring).
 
     Args:
-        pred: ``(B, 1, H, W)`` probabilities (binarised as ``pred > threshold``) or a bool mask.
-        target: ``(B, 1, H, W)`` ground truth in {0, 1} (binarised at 0.5) or bool.
+        pred: ``(B, 1, H, W)`` probabilities in [0, 1] (binarised as ``pred > threshold``) or a
+            bool mask; logits and NaN raise.
+        target: ``(B, 1, H, W)`` ground truth in {0, 1} (binarised at 0.5; values outside [0, 1]
+            raise) or bool.
         tolerance: τ, the accepted boundary deviation in ``spacing`` units (pixels by default; 2 as
             in MedCLIP-SAMv2).
-        threshold: probability threshold for ``pred``.
+        threshold: probability threshold for ``pred``, strictly between 0 and 1.
         spacing: pixel size, a number or ``(spacing_y, spacing_x)`` (default 1).
         empty_score: score when both masks are empty (1.0; NaN for MONAI's behaviour). Exactly
             one empty mask scores 0.
@@ -393,10 +451,12 @@ def hausdorff_distance(
     (CoTexNet), ``percentile=None`` the classical maximum.
 
     Args:
-        pred: ``(B, 1, H, W)`` probabilities (binarised as ``pred > threshold``) or a bool mask.
-        target: ``(B, 1, H, W)`` ground truth in {0, 1} (binarised at 0.5) or bool.
+        pred: ``(B, 1, H, W)`` probabilities in [0, 1] (binarised as ``pred > threshold``) or a
+            bool mask; logits and NaN raise.
+        target: ``(B, 1, H, W)`` ground truth in {0, 1} (binarised at 0.5; values outside [0, 1]
+            raise) or bool.
         percentile: q in [0, 100], or None for the maximum distance.
-        threshold: probability threshold for ``pred``.
+        threshold: probability threshold for ``pred``, strictly between 0 and 1.
         spacing: pixel size, a number or ``(spacing_y, spacing_x)``; distances are in these units.
         empty_score: value when both masks are empty (NaN: undefined, dropped from meter means).
         missing_score: value when exactly one mask is empty (NaN as MONAI; ``inf`` or a finite
@@ -440,19 +500,10 @@ def hd95(pred: Tensor, target: Tensor, **kwargs: Any) -> Tensor:
 # --------------------------------------------------------------------------- calibration
 def _probabilities(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """Validated float64 ``(B, H*W)`` probabilities and {0, 1} ground truth."""
-    _check_pair(pred, target)
-    if pred.dtype == torch.bool:
-        prob = pred.double()
-    elif pred.is_floating_point():
-        prob = pred.double()
-        if prob.numel() and not bool(((prob >= 0) & (prob <= 1)).all()):
-            raise ValueError(
-                "pred must hold probabilities in [0, 1] (apply torch.sigmoid to logits first), "
-                f"got values in [{float(prob.min()):.4g}, {float(prob.max()):.4g}]"
-            )
-    else:
+    if not (pred.dtype == torch.bool or pred.is_floating_point()):
         raise ValueError(f"pred must be a float probability or bool tensor, got {pred.dtype}")
-    return prob.flatten(1), _binary(target, 0.5).flatten(1).double()
+    _check_pair(pred, target)  # shapes, and values in [0, 1]
+    return pred.double().flatten(1), _binary(target, 0.5).flatten(1).double()
 
 
 def brier_score(pred: Tensor, target: Tensor) -> Tensor:
@@ -462,7 +513,8 @@ def brier_score(pred: Tensor, target: Tensor) -> Tensor:
 
     Args:
         pred: ``(B, 1, H, W)`` foreground probabilities in [0, 1].
-        target: ``(B, 1, H, W)`` ground truth in {0, 1} (binarised at 0.5) or bool.
+        target: ``(B, 1, H, W)`` ground truth in {0, 1} (binarised at 0.5; values outside [0, 1]
+            raise) or bool.
 
     Returns:
         ``(B,)`` scores in [0, 1], float32 (float64 for float64 input).
@@ -518,7 +570,8 @@ def expected_calibration_error(
 
     Args:
         pred: ``(B, 1, H, W)`` foreground probabilities in [0, 1].
-        target: ``(B, 1, H, W)`` ground truth in {0, 1} (binarised at 0.5) or bool.
+        target: ``(B, 1, H, W)`` ground truth in {0, 1} (binarised at 0.5; values outside [0, 1]
+            raise) or bool.
         num_bins: number of equal-width bins on [0, 1] (15 as torchmetrics).
         mode: ``"top_label"`` (confidence of the predicted label) or ``"positive"`` (foreground
             probability against foreground frequency).
@@ -650,7 +703,8 @@ class SegmentationMeter:
         metrics: names to compute, any of ``"dice"``, ``"iou"``, ``"nsd"``, ``"hd95"``, ``"hd"``
             (maximum), ``"brier"``, ``"ece"`` (per-image ECE; see ``CalibrationMeter`` for the
             pooled one). Brier and ECE need probabilities, not bool masks.
-        threshold: probability threshold for predictions.
+        threshold: probability threshold for predictions, strictly between 0 and 1 (else
+            ``ValueError``).
         empty_score: score of an image with empty prediction and empty ground truth for Dice, IoU
             and NSD (the Hausdorff distances keep their NaN conventions).
         tolerance: NSD tolerance in ``spacing`` units.
@@ -675,6 +729,7 @@ class SegmentationMeter:
         if not metrics or unknown or len(set(metrics)) != len(metrics):
             raise ValueError(f"metrics must be distinct names among {_METRICS}, got {metrics!r}")
         self.metrics = metrics
+        _check_threshold(threshold)
         self.threshold = threshold
         self.empty_score = empty_score
         self.tolerance = tolerance

@@ -1,6 +1,7 @@
-"""Datasets and batching helpers."""
+"""Datasets, batching helpers and the image conversion shared with ``predict``."""
 
 from .dataset import ImageMaskPromptDataset, SegmentationSample
+from .images import to_image_tensor
 from .synthetic import (
     ComponentAttributes,
     SyntheticLesions,
@@ -35,4 +36,5 @@ __all__ = [
     "mask_attributes",
     "mask_prompt_fields",
     "render_template",
+    "to_image_tensor",
 ]

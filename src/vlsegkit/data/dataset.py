@@ -21,14 +21,23 @@ chosen by ``prompt_key`` (``"p1"``, ``"random"`` = any key but ``p0``, or a list
 ``templates`` builds the prompts from the (augmented) mask instead, with the attribute templates of
 ``vlsegkit.data.templates``. Augmentations are torchvision ``transforms.v2`` transforms applied
 jointly to a ``tv_tensors.Image`` and a ``tv_tensors.Mask``.
+
+Accepted files. Images: any file Pillow reads, converted as ``vlsegkit.data.images.to_image_tensor``
+converts the same image given to ``predict`` (8-bit / 255, 16-bit / 65535, grey repeated to RGB,
+alpha dropped). Masks of binary samples: 0/1 or 0/255 grey (8- or 16-bit, also 0/65535), bilevel,
+palette, or RGB(A) whose channels are equal, detected per file; or any values with explicit
+``mask_values`` / ``mask_threshold``. Label maps (``classes`` / ``mask_value``): the pixel value
+(palette index) is the class. See ``ImageMaskPromptDataset`` for the exact rules and errors.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import operator
 import random
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,13 +45,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from ._masks import binarize, distinct_values, open_image, read_mask
+from .images import decode_image
 from .synthetic import _channel_stats, _pair
 from .templates import PromptTemplates, get_templates
 
@@ -67,7 +77,8 @@ class SegmentationSample:
         prompts: ``{key: (prompt, ...)}``; empty when prompts come from templates or the class name.
         class_name: name of the class this sample segments (None: the templates' default).
         class_value: mask pixel value of the class in a label map; None for a binary mask
-            (foreground = pixel > ``mask_threshold``).
+            (foreground from the dataset's ``mask_values`` / ``mask_threshold``, or the mask
+            encoding detected per file).
         metadata: image metadata for attribute templates (view, age, sex, ...).
     """
 
@@ -80,36 +91,18 @@ class SegmentationSample:
 
 
 # --------------------------------------------------------------------------- file reading
-def _open(path: Path, kind: str) -> Image.Image:
-    try:
-        img = Image.open(path)
-        img.load()
-    except FileNotFoundError:
-        raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot read {kind} file '{path}': {err}") from err
-    return img
-
-
 def _read_image(path: Path) -> Tensor:
-    """``(3, H, W)`` uint8 RGB; grayscale is replicated, 16-bit images keep their top 8 bits."""
-    img = _open(path, "image")
-    if img.mode.startswith("I;16"):
-        gray = (np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8)
-        array = np.repeat(gray[..., None], 3, axis=2)
-    else:
-        array = np.array(img.convert("RGB"))  # a writable copy, as torch.from_numpy wants
-    return torch.from_numpy(array).permute(2, 0, 1)
+    """``(3, H, W)`` image of a file: uint8 for 8-bit files, else float32 in [0, 1].
 
-
-def _read_mask(path: Path) -> np.ndarray:
-    """``(H, W)`` integer mask: label values for L / P / I modes, luminance for colour masks."""
-    img = _open(path, "mask")
-    if img.mode == "1":
-        return np.asarray(img).astype(np.int64) * 255
-    if img.mode in ("L", "P", "I") or img.mode.startswith("I;16"):
-        return np.asarray(img).astype(np.int64)
-    return np.asarray(img.convert("L")).astype(np.int64)
+    The conversion is ``vlsegkit.data.images.to_image_tensor``'s (``decode_image`` is it without the
+    final ``/ 255`` of uint8), so a file read here and the same file opened with PIL and given to
+    ``predict`` become the same tensor, 16-bit files included.
+    """
+    img = open_image(path, "image")
+    try:
+        return decode_image(img)
+    except ValueError as err:
+        raise ValueError(f"image file '{path}': {err}") from err
 
 
 def _normalize_prompts(value: Any, where: str) -> dict[str, tuple[str, ...]]:
@@ -146,6 +139,41 @@ def _lookup(table: Mapping[str, Any], image: Path) -> Any:
     return table.get(image.stem)
 
 
+def _check_threshold(value: Any) -> float | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(
+            f"mask_threshold must be None (detect the encoding) or a finite number >= 0, "
+            f"got {value!r}"
+        )
+    return float(value)
+
+
+def _check_mask_values(value: Any) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    values = (value,) if isinstance(value, numbers.Integral) else value
+    if (
+        isinstance(values, (str, bytes))
+        or not isinstance(values, Sequence)
+        or not values
+        or not all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in values
+        )
+    ):
+        raise ValueError(
+            f"mask_values must be an int >= 0 or a non-empty list of them (the foreground pixel "
+            f"values, e.g. (255,) or (1,)), got {value!r}"
+        )
+    return tuple(int(v) for v in values)
+
+
 def _class_map(classes: Mapping[int, str] | Sequence[str] | None) -> dict[int, str] | None:
     if classes is None:
         return None
@@ -176,11 +204,23 @@ class ImageMaskPromptDataset(Dataset):
     ``mean`` / ``std``), ``mask`` float32 ``(1, H, W)`` in {0, 1}, ``prompt`` str, ``index`` int;
     batch them with ``collate_prompts``.
 
-    Per item: read the image (RGB) and mask, take the sample's binary class mask, resize both to
-    ``image_size`` (image ``interpolation``, mask nearest), apply ``transform(image, mask)`` to the
-    ``tv_tensors.Image`` (uint8) and ``tv_tensors.Mask`` jointly, build prompts (``templates``
-    on the final mask and image, else the sample's prompts, else its class name), pick one (see
-    ``prompt_key``), then normalise the image.
+    Per item: read the image (``vlsegkit.data.images.to_image_tensor``'s conversion) and the mask,
+    take the sample's binary mask, resize both to ``image_size`` (image ``interpolation``, mask
+    nearest), apply ``transform(image, mask)`` to the ``tv_tensors.Image`` and ``tv_tensors.Mask``
+    jointly, build prompts (``templates`` on the final mask and image, else the sample's prompts,
+    else its class name), pick one (see ``prompt_key``), then normalise the image.
+
+    Masks. Each mask file is decoded to one value per pixel (8- or 16-bit grey, palette index,
+    bilevel, float, or the grey level of an RGB(A) mask whose channels are equal; a colour mask
+    raises). The foreground of a binary sample is, in this order: the pixels equal to one of
+    ``mask_values``; the pixels above ``mask_threshold``; else the encoding detected per file:
+    values in {0, 1}, in {0, 255}, in {0, 65535} (16-bit), or a lossy (JPEG / WebP) 0/255 mask
+    with compression noise (foreground > 127). A label-map sample (``classes``, ``mask_value``)
+    takes the pixels equal to its class value. A mask that fits none of these, a threshold not below
+    the mask's largest value, or ``mask_values`` absent from a non-empty mask raises a
+    ``ValueError`` naming the file. At construction ``check_masks`` masks, evenly spaced over the
+    samples, are read: a bad encoding fails early, and a warning names the count when all of them
+    are empty (usually a wrong encoding option, e.g. a threshold of 127 on 0/1 masks).
 
     Args:
         samples: the records.
@@ -191,19 +231,29 @@ class ImageMaskPromptDataset(Dataset):
         templates: ``PromptTemplates`` or a family name (``"endoscopy"``, ``"busi"``, ``"camus"``,
             ...) to build attribute prompts from each final mask, image and metadata; overrides
             the samples' own prompts.
-        transform: joint augmentation ``transform(image, mask) -> (image, mask)`` on
-            ``tv_tensors.Image`` ``(3, H, W)`` uint8 and ``tv_tensors.Mask`` ``(1, H, W)`` uint8
+        transform: joint augmentation ``transform(image, mask) -> (image, mask)`` on a
+            ``tv_tensors.Image`` ``(3, H, W)`` (uint8 for 8-bit files; float32 in [0, 1] for
+            16-bit and float files) and a ``tv_tensors.Mask`` ``(1, H, W)`` uint8 in {0, 1}
             (torchvision ``transforms.v2``); it must keep the ``image_size``.
         mean: optional per-channel mean subtracted from the [0, 1] image.
         std: optional per-channel std the image is divided by.
-        mask_threshold: a binary mask's foreground is ``pixel > mask_threshold`` (127 for 0/255
-            masks, also robust to JPEG noise; 0 for 0/1 masks).
+        mask_threshold: None (default) detects each binary mask's encoding (see "Masks" above);
+            a number ``T >= 0`` makes the foreground ``pixel > T`` on the file's own scale
+            (0 for 0/1 masks, 127 for 0/255 masks, 32767 for 16-bit ones; a file whose largest
+            value is not above ``T`` raises unless it is empty).
+        mask_values: foreground pixel values of binary masks, e.g. ``(255,)``, ``(1,)`` or
+            ``(1, 2)``; an int is one value. Exclusive with ``mask_threshold``. For palette
+            images these are palette indices. Label-map samples (``class_value`` set) ignore
+            both options.
         interpolation: image resize interpolation, ``"bilinear"`` (medvlsm), ``"bicubic"``
             (TuneVLSeg) or ``"nearest"``.
         seed: None draws prompts and augmentations from the global ``random`` / torch generators
             (DataLoader workers seed them); an int makes item ``i`` a function of
             ``(seed, epoch, i)`` (see ``set_epoch``).
         check_files: check at construction that every file exists.
+        check_masks: how many masks (evenly spaced over the samples) to read at construction to
+            check their encoding and warn when all of them are empty; 0 reads none (also needed
+            with ``check_files=False`` when the files do not exist yet).
     """
 
     def __init__(
@@ -216,10 +266,12 @@ class ImageMaskPromptDataset(Dataset):
         transform: Callable[[Any, Any], Any] | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
-        mask_threshold: int = 127,
+        mask_threshold: float | None = None,
+        mask_values: int | Sequence[int] | None = None,
         interpolation: str = "bilinear",
         seed: int | None = None,
         check_files: bool = True,
+        check_masks: int = 16,
     ) -> None:
         self.samples = list(samples)
         if not all(isinstance(s, SegmentationSample) for s in self.samples):
@@ -242,9 +294,13 @@ class ImageMaskPromptDataset(Dataset):
         if bool((self.std <= 0).any()):
             raise ValueError(f"std must be positive, got {std}")
         self._normalize = mean is not None or std is not None
-        if not isinstance(mask_threshold, numbers.Real):
-            raise ValueError(f"mask_threshold must be a number, got {mask_threshold!r}")
-        self.mask_threshold = mask_threshold
+        self.mask_threshold = _check_threshold(mask_threshold)
+        self.mask_values = _check_mask_values(mask_values)
+        if self.mask_threshold is not None and self.mask_values is not None:
+            raise ValueError(
+                "mask_threshold and mask_values are exclusive ways to choose the foreground; "
+                f"got mask_threshold={mask_threshold!r} and mask_values={mask_values!r}"
+            )
         if interpolation not in _INTERPOLATION:
             raise ValueError(
                 f"interpolation must be one of {sorted(_INTERPOLATION)}, got {interpolation!r}"
@@ -254,8 +310,14 @@ class ImageMaskPromptDataset(Dataset):
             raise ValueError(f"seed must be None or a non-negative int, got {seed!r}")
         self.seed = seed
         self.epoch = 0
+        if isinstance(check_masks, bool) or not isinstance(check_masks, numbers.Integral):
+            raise ValueError(f"check_masks must be an int >= 0, got {check_masks!r}")
+        if check_masks < 0:
+            raise ValueError(f"check_masks must be an int >= 0, got {check_masks!r}")
         if check_files:
             self._check_files()
+        if check_masks:
+            self._check_masks(int(check_masks))
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -444,7 +506,7 @@ class ImageMaskPromptDataset(Dataset):
                     f"{where} must map class names {sorted(class_map.values())} to prompts, "
                     f"got {entry!r}"
                 )
-            present = set(np.unique(_read_mask(mask)).tolist())
+            present = set(distinct_values(read_mask(mask).values).tolist())
             kept = [v for v in class_map if v in present]
             if absent_classes or not kept:
                 kept = list(class_map)
@@ -469,6 +531,32 @@ class ImageMaskPromptDataset(Dataset):
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise FileNotFoundError(f"{len(missing)} dataset file(s) missing: {shown}{more}")
 
+    def _check_masks(self, count: int) -> None:
+        """Binarise ``count`` evenly spaced masks; warn if every one of them is empty."""
+        if not self.samples:
+            return
+        picked = np.unique(np.linspace(0, len(self) - 1, min(count, len(self))).round().astype(int))
+        empty = sum(not self._binary_mask(self.samples[i]).any() for i in picked.tolist())
+        if empty == len(picked):
+            warnings.warn(
+                f"all {empty} masks checked of the {len(self)} samples are empty (no foreground "
+                "pixel); if that is not expected, check mask_threshold / mask_values / classes "
+                "(check_masks sets how many masks are checked)",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _binary_mask(self, sample: SegmentationSample) -> np.ndarray:
+        """``(H, W)`` bool foreground of a sample's mask file."""
+        path = Path(sample.mask)
+        return binarize(
+            read_mask(path),
+            path,
+            class_value=sample.class_value,
+            mask_values=self.mask_values,
+            mask_threshold=self.mask_threshold,
+        )
+
     # ------------------------------------------------------------------ items
     def __len__(self) -> int:
         return len(self.samples)
@@ -489,19 +577,21 @@ class ImageMaskPromptDataset(Dataset):
         return index % len(self)
 
     def load(self, index: int) -> tuple[Tensor, Tensor]:
-        """The raw ``(3, H, W)`` uint8 image and ``(1, H, W)`` uint8 {0, 1} mask of a sample."""
+        """The raw image and binary mask of a sample, before resizing.
+
+        Returns:
+            ``(3, H, W)`` image, uint8 for 8-bit files, else float32 in [0, 1]
+            (``to_image_tensor(PIL.Image.open(file))`` equals it divided by 255 when uint8), and
+            the ``(1, H, W)`` uint8 mask in {0, 1}.
+        """
         sample = self.samples[self._check_index(index)]
         image = _read_image(Path(sample.image))
-        labels = _read_mask(Path(sample.mask))
-        if labels.shape != tuple(image.shape[1:]):
+        binary = self._binary_mask(sample)
+        if binary.shape != tuple(image.shape[1:]):
             raise ValueError(
-                f"mask '{sample.mask}' has size (H, W) = {labels.shape} but image "
+                f"mask '{sample.mask}' has size (H, W) = {binary.shape} but image "
                 f"'{sample.image}' has {tuple(image.shape[1:])}"
             )
-        if sample.class_value is None:
-            binary = labels > self.mask_threshold
-        else:
-            binary = labels == sample.class_value
         return image, torch.from_numpy(binary.astype(np.uint8))[None]
 
     def _augment(self, image: Tensor, mask: Tensor, index: int) -> tuple[Tensor, Tensor]:
@@ -509,6 +599,9 @@ class ImageMaskPromptDataset(Dataset):
         if self.image_size is not None:
             size = list(self.image_size)
             image = TF.resize(image, size, interpolation=self.interpolation, antialias=True)
+            if image.is_floating_point():
+                # Bicubic overshoots; uint8 results saturate, so float ones are clamped alike.
+                image = image.clamp_(0, 1)
             mask = TF.resize(mask, size, interpolation=InterpolationMode.NEAREST_EXACT)
         if self.transform is not None:
             if self.seed is None:

@@ -9,6 +9,8 @@ are aligned with text embeddings by a CLIP-style loss whose targets are *soft*: 
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Literal
 
 import torch
@@ -19,6 +21,9 @@ __all__ = ["SoftPatchContrastiveLoss", "soft_patch_contrastive_loss"]
 
 Variant = Literal["paper", "released"]
 _VARIANTS = ("paper", "released")
+# Cosine similarities are divided by tau: below this, 1 / tau overflows fp16 under autocast (and
+# far below it, fp32), which makes the loss NaN. MedCLIPSeg uses 0.2, CLIP's smallest is 0.01.
+_MIN_TEMPERATURE = 1e-4
 
 
 def _soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -54,11 +59,16 @@ def soft_patch_contrastive_loss(
     Args:
         patch_tokens: ``(B, P, D)`` final patch embeddings in the joint space (CLS removed).
         text_embeddings: ``(B, D)`` global text embeddings ([EOS] / [CLS] after projection).
-        temperature: ``tau`` (0.2 in the paper).
+        temperature: ``tau`` (0.2 in the paper), at least 1e-4 (smaller values overflow).
         variant: ``"paper"`` or ``"released"``.
 
     Returns:
         Scalar loss.
+
+    Raises:
+        ValueError: a ``temperature`` that is not a finite number >= 1e-4, an unknown ``variant``, or
+            shapes other than ``(B, P, D)`` and ``(B, D)`` with ``B, P, D >= 1`` (a batch of size
+            0 included).
     """
     _check_inputs(patch_tokens, text_embeddings, temperature, variant)
     pooled = F.normalize(patch_tokens, dim=-1).mean(dim=1)
@@ -77,14 +87,27 @@ def soft_patch_contrastive_loss(
     )
 
 
-def _check_inputs(patch_tokens: Tensor, text: Tensor, temperature: float, variant: str) -> None:
+def _check_options(temperature: float, variant: str) -> None:
     if variant not in _VARIANTS:
         raise ValueError(f"variant must be one of {_VARIANTS}, got {variant!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if patch_tokens.dim() != 3 or patch_tokens.shape[1] == 0:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, numbers.Real)
+        or not math.isfinite(temperature)
+        or not temperature >= _MIN_TEMPERATURE
+    ):
         raise ValueError(
-            f"patch_tokens must have shape (B, P, D) with P >= 1, got {tuple(patch_tokens.shape)}"
+            f"temperature must be a finite number >= {_MIN_TEMPERATURE:g}, got {temperature!r}"
+        )
+
+
+def _check_inputs(patch_tokens: Tensor, text: Tensor, temperature: float, variant: str) -> None:
+    _check_options(temperature, variant)
+    if patch_tokens.dim() != 3 or 0 in patch_tokens.shape:
+        # A batch of size 0 would give mean() of nothing, a NaN loss.
+        raise ValueError(
+            f"patch_tokens must have shape (B, P, D) with B, P, D >= 1, got "
+            f"{tuple(patch_tokens.shape)}"
         )
     b, _, d = patch_tokens.shape
     if text.dim() != 2 or tuple(text.shape) != (b, d):
@@ -111,10 +134,7 @@ class SoftPatchContrastiveLoss(nn.Module):
 
     def __init__(self, *, temperature: float = 0.2, variant: Variant = "paper") -> None:
         super().__init__()
-        if variant not in _VARIANTS:
-            raise ValueError(f"variant must be one of {_VARIANTS}, got {variant!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        _check_options(temperature, variant)
         self.temperature, self.variant = float(temperature), variant
 
     def forward(self, patch_tokens: Tensor, text_embeddings: Tensor) -> Tensor:

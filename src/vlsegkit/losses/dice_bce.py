@@ -18,6 +18,9 @@ MONAI's value.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -37,13 +40,48 @@ def _check_inputs(logits: Tensor, target: Tensor) -> None:
             f"target must have the same shape as logits {tuple(logits.shape)} "
             f"(B, C, H, W), got {tuple(target.shape)}"
         )
+    if logits.numel() == 0:
+        # The mean over no sample or no pixel is NaN, which would reach the optimiser unnoticed.
+        raise ValueError(
+            f"logits must not be empty (a batch of size 0, no channel or no pixel), got shape "
+            f"{tuple(logits.shape)}"
+        )
+    if target.dtype != torch.bool:
+        # One reduction and one device sync per call, not one per element.
+        lo, hi = torch.stack(torch.aminmax(target.detach())).tolist()
+        if not (lo >= 0 and hi <= 1):  # also False for NaN, which aminmax propagates
+            found = "NaN" if math.isnan(lo) or math.isnan(hi) else f"values in [{lo:.4g}, {hi:.4g}]"
+            raise ValueError(
+                f"target must hold values in [0, 1] (binary masks or soft labels), got {found}; "
+                "divide 0/255 masks by 255"
+            )
+
+
+# The loss is computed in (at least) float32: a larger weight or smooth becomes inf there, and
+# inf * 0 or inf / inf make the loss NaN.
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _check_number(name: str, value: float) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or abs(value) > _FLOAT32_MAX
+    ):
+        raise ValueError(f"{name} must be a finite number (in float32 range), got {value!r}")
 
 
 def _check_options(dice_weight: float, bce_weight: float, smooth: float, reduction: str) -> None:
-    if dice_weight < 0 or bce_weight < 0:
+    for name, value in (("dice_weight", dice_weight), ("bce_weight", bce_weight)):
+        _check_number(name, value)
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value!r}")
+    if dice_weight == 0 and bce_weight == 0:
         raise ValueError(
-            f"dice_weight and bce_weight must be >= 0, got {dice_weight} and {bce_weight}"
+            "dice_weight and bce_weight are both 0: the loss would be 0 and train nothing"
         )
+    _check_number("smooth", smooth)
     if not smooth > 0:
         raise ValueError(f"smooth must be > 0 (it defines Dice on empty masks), got {smooth}")
     if reduction not in _REDUCTIONS:
@@ -107,6 +145,12 @@ class DiceBCELoss(nn.Module):
         logits: ``(B, C, H, W)`` raw scores (any ``(B, C, *spatial)`` works).
         target: same shape, values in [0, 1] (binary masks or soft labels; bool is accepted).
         output: scalar, or ``(B, C)`` for ``reduction="none"``.
+
+    Raises:
+        ValueError: at construction, a weight that is negative, NaN or infinite, both weights 0,
+            or ``smooth`` not a finite number > 0; per call, mismatched shapes, empty ``logits``
+            (a batch of size 0), or ``target`` values outside [0, 1] or NaN (e.g. 0/255 masks).
+            NaN / inf ``logits`` are not checked: they give a NaN loss.
     """
 
     def __init__(
