@@ -232,11 +232,13 @@ def test_non_finite_and_negative_weights_raise_at_construction(kwargs, match):
 
 
 def test_medclipseg_loss_inherits_the_target_check():
-    from vlsegkit.models import MedCLIPSegLoss, SegmentationOutput
+    from vlsegkit.losses import MedCLIPSegLoss
+    from vlsegkit.models import MedCLIPSegOutput
 
-    out = SegmentationOutput(
+    out = MedCLIPSegOutput(
         logits=torch.zeros(2, 1, 4, 4),
-        extras={"patch_tokens": torch.randn(2, 1, 3, 8), "text_embeddings": torch.randn(2, 1, 8)},
+        patch_tokens=torch.randn(2, 1, 3, 8),
+        text_embeddings=torch.randn(2, 1, 8),
     )
     loss = MedCLIPSegLoss()
     assert torch.isfinite(loss(out, torch.ones(2, 4, 4)))

@@ -87,6 +87,19 @@ _DATA_OPTS = (
     _Opt("negative-fraction", float, 0.0, "synthetic lesion-free fraction"),
     _Opt("prompt-key", str, "p1", "datasets on disk: prompt key ('p1', ..., or 'random')"),
     _Opt("mask-suffix", str, "", "images/ + masks/ folders: mask name = image stem + suffix"),
+    _Opt(
+        "mask-threshold",
+        float,
+        None,
+        "datasets on disk: foreground = mask pixel above this value (default: detect the encoding)",
+    ),
+    _Opt(
+        "mask-values",
+        str,
+        None,
+        "datasets on disk: comma-separated pixel values that are foreground, e.g. 255 or 1,2",
+        metavar="V[,V...]",
+    ),
     _Opt("num-workers", int, 0, "DataLoader worker processes"),
     _Opt("autocast", str, "none", "mixed precision", _AUTOCAST),
     _Opt("progress", bool, None, "progress bars (default: when stderr is a terminal)"),
@@ -175,7 +188,23 @@ _PREDICT_OPTS = (
     _Opt("cmap", str, "nipy_spectral", "colour map of the uncertainty maps", COLORMAPS),
     _Opt("seed", int, 0, "random seed (Monte Carlo sampling)"),
 )
-_POSITIVE = {"epochs": 0, "batch_size": 1, "grad_accum_steps": 1, "train_size": 1, "val_size": 0}
+_POSITIVE = {
+    "epochs": 0, "batch_size": 1, "grad_accum_steps": 1, "train_size": 1, "val_size": 0,
+    "max_steps": 1, "warmup_steps": 0, "early_stopping": 0, "checkpoint_every": 1,
+    "num_workers": 0, "samples": 1,
+}  # fmt: skip
+_INF = math.inf
+#: option -> (low, high, low open, high open)
+_RANGES = {
+    "lr": (0.0, _INF, True, True),
+    "weight_decay": (0.0, _INF, False, True),
+    "max_grad_norm": (0.0, _INF, True, True),
+    "min_lr_ratio": (0.0, 1.0, False, False),
+    "negative_fraction": (0.0, 1.0, False, False),
+    "threshold": (0.0, 1.0, True, True),
+    "mask_threshold": (0.0, _INF, False, True),
+    "alpha": (0.0, 1.0, False, False),
+}
 
 
 def _add_options(parser: argparse.ArgumentParser, opts: Sequence[_Opt]) -> None:
@@ -273,11 +302,36 @@ def _resolve(args: argparse.Namespace, opts: Sequence[_Opt]) -> argparse.Namespa
             "MODEL is required (a registry name, a folder or a Hub id; or 'model' in --config)"
         )
     for key, low in _POSITIVE.items():
-        if key in merged and merged[key] < low:
+        if merged.get(key) is not None and merged[key] < low:
             raise CLIError(f"--{key.replace('_', '-')} must be >= {low}, got {merged[key]}")
+    for key, (low, high, open_low, open_high) in _RANGES.items():
+        value = merged.get(key)
+        if value is None:
+            continue
+        ok = math.isfinite(value) and (value > low if open_low else value >= low)
+        ok = ok and (value < high if open_high else value <= high)
+        if not ok:
+            interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+            raise CLIError(f"--{key.replace('_', '-')} must be in {interval}, got {value}")
     if merged.get("image_size") is not None and merged["image_size"] < 8:
         raise CLIError(f"--image-size must be >= 8, got {merged['image_size']}")
+    if merged.get("device") is not None:
+        _check_device(merged["device"])
+    out = merged.get("out")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise CLIError(f"--out {out!r} is an existing file; give a folder")
     return argparse.Namespace(**merged)
+
+
+def _check_device(name: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise CLIError(f"--device: {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available on this machine")
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -378,6 +432,10 @@ def _dataset(opts: argparse.Namespace, model, path: str, *, length: int, seed: i
             "vlsegkit installation does not provide; use --data synthetic"
         ) from e
     kwargs = dict(image_size=model.image_size, prompt_key=opts.prompt_key, **norm)
+    if opts.mask_threshold is not None:
+        kwargs["mask_threshold"] = opts.mask_threshold
+    if opts.mask_values is not None:
+        kwargs["mask_values"] = _mask_values(opts.mask_values)
     try:
         if root.is_file():
             return Dataset.from_json(root, **kwargs)
@@ -391,6 +449,16 @@ def _dataset(opts: argparse.Namespace, model, path: str, *, length: int, seed: i
         f"--data {path}: expected a medvlsm annotation .json file, a folder with "
         "anns/<split>.json (medvlsm / TuneVLSeg layout) or a folder with images/ and masks/"
     )
+
+
+def _mask_values(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise CLIError(f"--mask-values must be comma-separated ints, got {text!r}") from e
+    if not values or any(v < 0 for v in values):
+        raise CLIError(f"--mask-values must be ints >= 0, got {text!r}")
+    return values
 
 
 def _loader(dataset, opts: argparse.Namespace, *, shuffle: bool):
@@ -548,17 +616,27 @@ def _cmd_evaluate(opts: argparse.Namespace) -> int:
 
 
 def _read_images(paths: Sequence[str]) -> list:
+    """The image files as PIL images, each checked by ``vlsegkit.data.to_image_tensor`` (16-bit
+    files keep their full range: ``predict`` and the datasets convert them the same way)."""
     from PIL import Image, UnidentifiedImageError
+
+    from .data.images import to_image_tensor
 
     images = []
     for p in paths:
         try:
             with Image.open(p) as im:
-                images.append(im.convert("RGB"))
+                im.load()
+                image = im.copy()
         except FileNotFoundError as e:
             raise CLIError(f"IMAGE: no such file {p!r}") from e
         except (UnidentifiedImageError, IsADirectoryError) as e:
             raise CLIError(f"IMAGE: {p!r} is not an image file (PNG or JPEG expected)") from e
+        try:
+            to_image_tensor(image)
+        except ValueError as e:
+            raise CLIError(f"IMAGE {p!r}: {e}") from e
+        images.append(image)
     return images
 
 
@@ -630,15 +708,10 @@ def _predict_maps(model, images: list, prompts: list[str], opts: argparse.Namesp
 
 
 def _cmd_predict(opts: argparse.Namespace) -> int:
-    import numpy as np
     import torch
 
     from . import viz
 
-    if not 0.0 <= opts.alpha <= 1.0:
-        raise CLIError(f"--alpha must be in [0, 1], got {opts.alpha}")
-    if opts.samples is not None and opts.samples < 1:
-        raise CLIError(f"--samples must be >= 1, got {opts.samples}")
     prompts = list(opts.prompt)
     images = _read_images(opts.images)
     torch.manual_seed(opts.seed)
@@ -652,8 +725,10 @@ def _cmd_predict(opts: argparse.Namespace) -> int:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     records = []
+    from .data.images import to_image_tensor
+
     for path, stem, image, (probs, entropy) in zip(opts.images, _stems(opts.images), images, maps):
-        rgb = np.asarray(image)
+        rgb = (to_image_tensor(image).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
         for k, prompt in enumerate(prompts):
             prefix = stem if len(prompts) == 1 else f"{stem}_p{k}"
             mask = probs[k].numpy() > opts.threshold
@@ -684,6 +759,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for name in ("epochs", "image_size", "train_size", "val_size", "batch_size"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.image_size % 8:  # clipseg-tiny's patch size
+        raise CLIError(
+            f"--image-size must be a multiple of 8 (the patch size), got {args.image_size}"
+        )
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CLIError(f"--out {args.out!r} is an existing file; give a folder")
     run_demo(
         args.out, epochs=args.epochs, image_size=args.image_size, seed=args.seed,
         train_size=args.train_size, val_size=args.val_size, batch_size=args.batch_size,

@@ -17,12 +17,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._config import RecordsConfig
+from ..data.images import to_image_tensor
 from ..hub import (
     CONFIG_NAME,
     PICKLE_NAMES,
@@ -47,48 +47,6 @@ __all__ = ["VLSM", "ImageInput", "SegmentationOutput", "eval_mode", "to_image_te
 FORMAT_VERSION = 1
 
 ImageInput = Any  # PIL.Image.Image | np.ndarray | Tensor
-
-
-def to_image_tensor(image: ImageInput) -> Tensor:
-    """One image as a float ``(3, H, W)`` tensor in ``[0, 1]``.
-
-    Accepts a PIL image, a numpy array ``(H, W)``, ``(H, W, 3|4)`` (uint8 in ``[0, 255]`` or float in
-    ``[0, 1]``), or a tensor ``(3, H, W)`` / ``(H, W)`` (uint8 or float in ``[0, 1]``). Grey images are
-    repeated to three channels; an alpha channel is dropped.
-    """
-    if not isinstance(image, (Tensor, np.ndarray)):
-        try:
-            from PIL import Image
-        except ImportError as e:  # pragma: no cover - pillow is a dependency
-            raise TypeError(f"unsupported image type {type(image).__name__}") from e
-        if not isinstance(image, Image.Image):
-            raise TypeError(
-                f"images must be PIL images, numpy arrays or tensors, got {type(image).__name__}"
-            )
-        image = np.asarray(image.convert("RGB"))
-    if isinstance(image, np.ndarray):
-        arr = image
-        if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
-            arr = arr[..., :3] if arr.shape[-1] != 1 else arr[..., 0]
-        elif arr.ndim not in (2,):
-            raise ValueError(f"numpy images must be (H, W) or (H, W, 3), got shape {arr.shape}")
-        t = torch.from_numpy(np.array(arr, copy=True))
-        t = t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
-    else:
-        t = image
-        if t.dim() == 2:
-            t = t.unsqueeze(0)
-        if t.dim() != 3 or t.shape[0] not in (1, 3):
-            raise ValueError(f"tensor images must be (3, H, W) or (H, W), got {tuple(t.shape)}")
-    if t.dtype == torch.uint8:
-        t = t.float() / 255.0
-    else:
-        t = t.float()
-    if t.shape[0] == 1:
-        t = t.expand(3, -1, -1)
-    if t.shape[-1] == 0 or t.shape[-2] == 0:
-        raise ValueError("images must have non-zero height and width")
-    return t
 
 
 def parse_text_prompts(prompts: Any, batch: int) -> tuple[list[str], Tensor]:
