@@ -1,6 +1,11 @@
-"""Datasets, batching helpers and the image conversion shared with ``predict``."""
+"""Datasets, batching helpers and the image conversion shared with ``predict``.
 
-from .dataset import ImageMaskPromptDataset, SegmentationSample
+``ImageMaskPromptDataset`` (which needs torchvision's transforms) is imported on first use, so
+``predict`` and the models do not pay for torchvision.
+"""
+
+from typing import TYPE_CHECKING, Any
+
 from .images import to_image_tensor
 from .synthetic import (
     ComponentAttributes,
@@ -38,3 +43,15 @@ __all__ = [
     "render_template",
     "to_image_tensor",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("ImageMaskPromptDataset", "SegmentationSample"):
+        from . import dataset
+
+        return getattr(dataset, name)
+    raise AttributeError(f"module 'vlsegkit.data' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from .dataset import ImageMaskPromptDataset, SegmentationSample
