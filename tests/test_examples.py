@@ -32,6 +32,13 @@ def test_finetune_clipseg_example(tmp_path):
     assert (tmp_path / "m" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("name", ["step_towers", "finetune_clipseg"])
+def test_compose_example(capsys):
+    results = _load("compose").main(["--steps", "2"])
+    assert set(results) == {"maple+medclipseg", "dense-adapters+clipseg", "pvl+clipseg"}
+    assert all(0.0 <= r["after"] <= 1.0 for r in results.values())
+    assert "softcon_loss" in capsys.readouterr().out  # MedCLIPSeg trained with its paper task
+
+
+@pytest.mark.parametrize("name", ["step_towers", "finetune_clipseg", "compose"])
 def test_examples_have_docstrings(name):
     assert _load(name).__doc__.strip()
