@@ -413,15 +413,21 @@ def test_demo_through_the_entry_point(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "before training: Dice" in proc.stdout
-    overlays = sorted((tmp_path / "d").glob("overlay_*.png"))
-    assert len(overlays) == 6
-    assert Image.open(overlays[0]).width == 3 * SIZE
+    with Image.open(tmp_path / "d" / "overlay_sheet.png") as sheet:
+        assert sheet.width >= 3 * 256  # image | ground truth | prediction, readable tiles
+    assert (tmp_path / "d" / "training_curves.png").is_file()
+    assert "overlay_sheet.png" in proc.stdout and "training_curves.png" in proc.stdout
     assert VLSM.from_pretrained(tmp_path / "d" / "model").image_size == (SIZE, SIZE)
 
 
-def test_demo_rejects_bad_sizes(capsys):
+def test_demo_rejects_bad_sizes(capsys, tmp_path):
     assert cli.main(["demo", "--epochs", "0"]) == 2
     assert "--epochs must be >= 1" in capsys.readouterr().err
+    assert cli.main(["demo", "--image-size", "30"]) == 2
+    assert "--image-size must be a multiple of 8" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["demo", "--out", str(tmp_path / "file")]) == 2
+    assert "is an existing file" in capsys.readouterr().err
 
 
 def test_the_cli_reference_page_lists_every_option():

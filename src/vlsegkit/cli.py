@@ -768,7 +768,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     run_demo(
         args.out, epochs=args.epochs, image_size=args.image_size, seed=args.seed,
         train_size=args.train_size, val_size=args.val_size, batch_size=args.batch_size,
-        progress=args.progress,
+        progress=args.progress, uncertainty=args.uncertainty,
     )  # fmt: skip
     return 0
 
@@ -825,12 +825,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(p, _PREDICT_OPTS)
     p.set_defaults(_func=_with_options(_cmd_predict, _PREDICT_OPTS), _parser=p)
 
-    p = sub.add_parser("demo", help="train clipseg-tiny on synthetic lesions, write overlays")
+    p = sub.add_parser(
+        "demo", help="train clipseg-tiny on synthetic lesions, write an overlay sheet and curves"
+    )
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     for name, default in (("epochs", 14), ("image-size", 128), ("seed", 0), ("train-size", 512),
                           ("val-size", 64), ("batch-size", 16)):  # fmt: skip
         p.add_argument(f"--{name}", type=int, default=default, help=f"(default: {default})")
     p.add_argument("--progress", action="store_true", help="per-step progress bars")
+    p.add_argument(
+        "--uncertainty",
+        action="store_true",
+        help="also train medclipseg-tiny briefly and draw its uncertainty maps",
+    )
     p.set_defaults(_func=_cmd_demo, _parser=p)
     return parser
 

@@ -1,8 +1,14 @@
 """``make demo`` / ``python -m vlsegkit.demo``: train a small CLIPSeg on SyntheticLesions.
 
-Builds the registry's ``clipseg-tiny`` model (random weights: no download), trains it for a fixed number
-of epochs on the built-in synthetic, text-prompted lesion dataset, prints validation Dice / IoU before and
-after, and writes PNG overlays (image | ground truth | prediction) to the output folder.
+Builds the registry's ``clipseg-tiny`` model (random weights: no download), trains it with ``fit`` for
+a fixed number of epochs on the built-in synthetic, text-prompted lesion dataset, prints validation
+Dice / IoU before, during and after, and writes pictures a person can read:
+
+* ``overlay_sheet.png`` -- validation examples chosen across the score range (best, median, worst
+  and between), each row image | ground truth | prediction with the prompt and its Dice;
+* ``training_curves.png`` -- the training loss and the validation Dice / IoU per epoch;
+* with ``--uncertainty``, ``uncertainty_sheet.png`` -- a briefly trained ``medclipseg-tiny``'s Monte
+  Carlo mean, entropy, aleatoric and epistemic maps for one validation image.
 """
 
 from __future__ import annotations
@@ -11,18 +17,20 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from . import viz
 from .data import SyntheticLesions, collate_prompts
 from .registry import create_model
 from .train import evaluate, fit, seed_everything
 
-__all__ = ["main", "overlay", "run_demo"]
+__all__ = ["main", "run_demo"]
 
 
 class _Materialized(torch.utils.data.Dataset):
+    """A dataset's items rendered once (generating them costs more than a tiny model's step)."""
+
     def __init__(self, dataset) -> None:
         self.items = [dataset[i] for i in range(len(dataset))]
 
@@ -33,43 +41,47 @@ class _Materialized(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, *, color=(255, 64, 64), alpha: float = 0.45):
-    """Blend a binary ``(H, W)`` mask onto an ``(H, W, 3)`` uint8 image and draw its outline."""
-    out = image.astype(np.float32).copy()
-    m = mask.astype(bool)
-    out[m] = (1 - alpha) * out[m] + alpha * np.asarray(color, np.float32)
-    edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
-    out[edge] = color
-    return out.clip(0, 255).astype(np.uint8)
+def _epoch_printer(epochs: int, start: float):
+    def log(record: dict) -> None:
+        if "train_loss" not in record:  # a step record
+            return
+        print(
+            f"epoch {record['epoch'] + 1:2d}/{epochs}: train loss {record['train_loss']:.4f}  "
+            f"val Dice {record['val_dice']:.3f}  IoU {record['val_iou']:.3f}  "
+            f"({time.perf_counter() - start:.0f}s)",
+            flush=True,
+        )
+
+    return log
 
 
-def _to_uint8(image: torch.Tensor, mean, std) -> np.ndarray:
-    x = image.cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
-    return (x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-
-
-def write_overlays(model, dataset, out_dir: Path, *, count: int = 6) -> list[Path]:
-    """Save ``count`` panels (image | ground truth | prediction) captioned with the prompt."""
-    from PIL import Image, ImageDraw
-
-    out_dir.mkdir(parents=True, exist_ok=True)
+@torch.no_grad()
+def _predict(model, dataset, batch_size: int = 32) -> torch.Tensor:
     model.eval()
-    paths = []
-    for i in range(min(count, len(dataset))):
-        item = dataset[i]
-        with torch.no_grad():
-            prob = model(item["image"][None], item["prompt"]).logits.sigmoid()[0, 0]
-        img = _to_uint8(item["image"], model.image_mean, model.image_std)
-        gt = overlay(img, item["mask"][0].numpy() > 0.5, color=(64, 220, 64))
-        pred = overlay(img, prob.numpy() > 0.5, color=(255, 64, 64))
-        panel = Image.fromarray(np.concatenate([img, gt, pred], axis=1))
-        canvas = Image.new("RGB", (panel.width, panel.height + 18), "white")
-        canvas.paste(panel, (0, 18))
-        ImageDraw.Draw(canvas).text((4, 3), item["prompt"][:90], fill="black")
-        path = out_dir / f"overlay_{i:02d}.png"
-        canvas.save(path)
-        paths.append(path)
-    return paths
+    probs = []
+    for start in range(0, len(dataset), batch_size):
+        batch = collate_prompts(
+            [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+        )
+        probs.append(model(batch["image"], batch["prompt"]).logits.sigmoid())
+    return torch.cat(probs)
+
+
+def _uncertainty_sheet(out_dir: Path, *, image_size: int, seed: int, steps: int) -> Path:
+    """Train medclipseg-tiny briefly (its paper loss, through fit) and draw one image's MC maps."""
+    model = create_model("medclipseg-tiny", image_size=image_size)
+    norm = dict(mean=model.image_mean, std=model.image_std)
+    train = _Materialized(SyntheticLesions(length=128, image_size=image_size, seed=seed, **norm))
+    fit(model, train, max_steps=steps, epochs=steps, batch_size=16, lr=3e-3, weight_decay=0.0,
+        seed=seed, progress=False)  # fmt: skip
+    item = SyntheticLesions(length=8, image_size=image_size, seed=seed + 10_000)[3]
+    result = model.predict_with_uncertainty([item["image"]], [[item["prompt"]]], 16, seed=seed)
+    sheet = viz.uncertainty_sheet(
+        item["image"], result.mean[0], result.entropy[0], result.aleatoric[0],
+        result.epistemic[0], prompt=item["prompt"], mask=item["mask"],
+        title=f"medclipseg-tiny, 16 Monte Carlo samples ({steps} training steps)",
+    )  # fmt: skip
+    return viz.save_image(sheet, out_dir / "uncertainty_sheet.png")
 
 
 def run_demo(
@@ -83,17 +95,19 @@ def run_demo(
     batch_size: int = 16,
     lr: float = 1e-3,
     progress: bool = False,
+    uncertainty: bool = False,
+    uncertainty_steps: int = 60,
 ) -> dict:
-    """Run the demo; returns the metrics before and after training and the overlay paths."""
+    """Run the demo; returns the metrics before and after training and the pictures' paths."""
     seed_everything(seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = create_model("clipseg-tiny", image_size=image_size, freeze_backbone=False)
     norm = dict(mean=model.image_mean, std=model.image_std)
-    # Render the training images once: generation costs more than a tiny model's training step.
     train_set = _Materialized(
         SyntheticLesions(length=train_size, image_size=image_size, seed=seed, **norm)
     )
-    val_set = SyntheticLesions(length=val_size, image_size=image_size, seed=seed + 10_000, **norm)
+    val_kw = dict(length=val_size, image_size=image_size, seed=seed + 10_000)
+    val_set = _Materialized(SyntheticLesions(**val_kw, **norm))
     train_loader = DataLoader(
         train_set, batch_size=batch_size, shuffle=True, collate_fn=collate_prompts,
         generator=torch.Generator().manual_seed(seed),
@@ -103,44 +117,83 @@ def run_demo(
     n_params = model.num_parameters(trainable_only=True)
     print(f"vlsegkit demo: clipseg-tiny, {n_params / 1e6:.2f}M trainable parameters, "
           f"{image_size}px, {len(train_set)} training / {len(val_set)} validation images")  # fmt: skip
-    before = evaluate(model, val_loader)
+    before = evaluate(model, val_loader, progress=False)
     print(f"before training: Dice {before['dice']:.3f}  IoU {before['iou']:.3f}")
 
-    # One optimiser for the whole run, cosine-decayed per epoch; a fixed epoch count keeps the
-    # demo reproducible (about two minutes on two CPU cores).
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=lr / 20)
+    out_dir = Path(out)
     start = time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        history = fit(model, train_loader, epochs=1, optimizer=optimizer, progress=progress)
-        schedule.step()
-        print(f"epoch {epoch:2d}/{epochs}: train loss {history.train_loss[-1]:.4f} "
-              f"({time.perf_counter() - start:.0f}s)")  # fmt: skip
-    after = evaluate(model, val_loader)
+    records: list[dict] = []
+
+    def log(record: dict) -> None:
+        records.append(record)
+        printer(record)
+
+    printer = _epoch_printer(epochs, start)
+    # One run with a cosine schedule over a fixed number of epochs keeps the demo reproducible.
+    fit(
+        model, train_loader, val_loader=val_loader, epochs=epochs, lr=lr, weight_decay=1e-4,
+        scheduler="cosine", min_lr_ratio=0.05, log_fn=log, progress=progress, seed=seed,
+    )  # fmt: skip
+    after = evaluate(model, val_loader, progress=False)
     elapsed = time.perf_counter() - start
     print(
         f"after {epochs} epochs ({elapsed:.0f}s): Dice {after['dice']:.3f}  IoU {after['iou']:.3f}"
     )
 
-    out_dir = Path(out)
-    paths = write_overlays(model, val_set, out_dir)
+    # pictures: the raw [0, 1] images of the same validation items (same seed, no normalisation)
+    raw = SyntheticLesions(**val_kw)
+    images = [raw[i]["image"] for i in range(len(raw))]
+    probs = _predict(model, val_set)
+    masks = torch.stack([val_set[i]["mask"] for i in range(len(val_set))])
+    prompts = [val_set[i]["prompt"] for i in range(len(val_set))]
+    pictures = {
+        "overlay_sheet": viz.save_overlay_sheet(
+            out_dir / "overlay_sheet.png",
+            images,
+            masks,
+            probs,
+            prompts,
+            n=6,
+            title=f"clipseg-tiny after {epochs} epochs on SyntheticLesions",
+        ),
+        "training_curves": viz.plot_training_curves(records, out_dir / "training_curves.png"),
+    }
+    if uncertainty:
+        pictures["uncertainty_sheet"] = _uncertainty_sheet(
+            out_dir, image_size=min(image_size, 64), seed=seed, steps=uncertainty_steps
+        )
     model.save_pretrained(out_dir / "model")
-    print(f"wrote {len(paths)} overlays (image | ground truth | prediction) to {out_dir.resolve()}")
+
+    what = {
+        "overlay_sheet": "validation examples from best to worst Dice: image | ground truth | "
+        "prediction, with each prompt",
+        "training_curves": "training loss and validation Dice / IoU per epoch",
+        "uncertainty_sheet": "medclipseg-tiny's Monte Carlo mean, entropy, aleatoric and "
+        "epistemic maps for one image",
+    }
+    print("pictures:")
+    for name, path in pictures.items():
+        print(f"  {Path(path).resolve()}\n    {what[name]}")
     print(f"saved the trained model to {(out_dir / 'model').resolve()}")
-    return {"before": before, "after": after, "epochs": epochs, "overlays": paths}
+    return {"before": before, "after": after, "epochs": epochs, "pictures": pictures}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="demo_out", help="output folder (overlays, model)")
+    parser.add_argument("--out", default="demo_out", help="output folder (pictures, model)")
     parser.add_argument("--epochs", type=int, default=14, help="training epochs (~8 s each here)")
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=128, help="square input size")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--progress", action="store_true", help="show per-step progress bars")
+    parser.add_argument(
+        "--uncertainty",
+        action="store_true",
+        help="also train medclipseg-tiny briefly and draw its Monte Carlo uncertainty maps",
+    )
     args = parser.parse_args(argv)
     run_demo(
         args.out, epochs=args.epochs, image_size=args.image_size, seed=args.seed,
-        progress=args.progress,
+        progress=args.progress, uncertainty=args.uncertainty,
     )  # fmt: skip
     return 0
 
