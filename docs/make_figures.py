@@ -31,7 +31,7 @@ from PIL import Image
 
 import vlsegkit
 from vlsegkit import viz
-from vlsegkit.data import SyntheticLesions, collate_prompts
+from vlsegkit.data import CachedDataset, SyntheticLesions, collate_prompts
 from vlsegkit.train import fit, seed_everything
 
 HERE = Path(__file__).resolve().parent
@@ -47,27 +47,14 @@ def _optimize_png(path: Path) -> Path:
     return path
 
 
-class _Rendered(torch.utils.data.Dataset):
-    """A dataset's items rendered once: generating them costs more than a tiny model's step."""
-
-    def __init__(self, dataset) -> None:
-        self.items = [dataset[i] for i in range(len(dataset))]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.items[i]
-
-
 def segmentation_figures(out: Path, *, epochs: int, image_size: int, seed: int) -> list[Path]:
     """Train clipseg-tiny briefly; write its training curves, overlay sheet and reliability."""
     seed_everything(seed)
     model = vlsegkit.create_model("clipseg-tiny", image_size=image_size, freeze_backbone=False)
     norm = {"mean": model.image_mean, "std": model.image_std}
-    train = _Rendered(SyntheticLesions(length=192, image_size=image_size, seed=seed, **norm))
+    train = CachedDataset(SyntheticLesions(length=192, image_size=image_size, seed=seed, **norm))
     val_kw = {"length": 33, "image_size": image_size, "seed": seed + 10_000}
-    val = _Rendered(SyntheticLesions(**val_kw, **norm))
+    val = CachedDataset(SyntheticLesions(**val_kw, **norm))
     raw = SyntheticLesions(**val_kw)  # the same images in [0, 1], for drawing
 
     paths = []
@@ -134,6 +121,21 @@ def uncertainty_figure(out: Path, *, steps: int, image_size: int, seed: int) -> 
     return viz.save_image(sheet, out / "uncertainty_sheet.png")
 
 
+def demo_figure(out: Path, *, epochs: int, seed: int) -> Path:
+    """``make demo``'s own overlay sheet (best, median, worst), shrunk to a palette PNG for the
+    README."""
+    from vlsegkit.demo import run_demo
+
+    with tempfile.TemporaryDirectory() as folder:
+        result = run_demo(folder, epochs=epochs, seed=seed, sheet_rows=3)
+        with Image.open(result["pictures"]["overlay_sheet"]) as sheet:
+            small = sheet.convert("RGB").quantize(colors=96, method=Image.Quantize.MEDIANCUT)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "demo_sheet.png"
+    small.save(path, optimize=True)
+    return path
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE / "images")
@@ -141,6 +143,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--steps", type=int, default=40, help="medclipseg-tiny training steps")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--demo-epochs", type=int, default=0,
+        help="also run make demo for this many epochs (14 = make demo) and save its sheet",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -151,6 +157,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     paths.append(
         uncertainty_figure(args.out, steps=args.steps, image_size=args.image_size, seed=args.seed)
     )
+    if args.demo_epochs:
+        paths.append(demo_figure(args.out, epochs=args.demo_epochs, seed=args.seed))
     for path in paths:
         _optimize_png(path)
         size = path.stat().st_size / 1024

@@ -547,7 +547,7 @@ def test_mc_bad_arguments(bert_model):
     ):
         with pytest.raises(ValueError, match=match):
             bert_model.predict_with_uncertainty(image, PROMPTS[0], **kwargs)
-    with pytest.raises(ValueError, match="prompts must be a string, a non-empty list"):
+    with pytest.raises(ValueError, match="prompts must not be an empty list"):
         bert_model.predict_with_uncertainty(image, [], 2)
     with pytest.raises(ValueError, match="images must hold at least one image"):
         bert_model.predict_with_uncertainty([], PROMPTS[0], 2)

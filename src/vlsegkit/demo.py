@@ -21,24 +21,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import viz
-from .data import SyntheticLesions, collate_prompts
+from .data import CachedDataset, SyntheticLesions, collate_prompts
 from .registry import create_model
 from .train import evaluate, fit, seed_everything
 
 __all__ = ["main", "run_demo"]
-
-
-class _Materialized(torch.utils.data.Dataset):
-    """A dataset's items rendered once (generating them costs more than a tiny model's step)."""
-
-    def __init__(self, dataset) -> None:
-        self.items = [dataset[i] for i in range(len(dataset))]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.items[i]
 
 
 def _epoch_printer(epochs: int, start: float):
@@ -71,7 +58,7 @@ def _uncertainty_sheet(out_dir: Path, *, image_size: int, seed: int, steps: int)
     """Train medclipseg-tiny briefly (its paper loss, through fit) and draw one image's MC maps."""
     model = create_model("medclipseg-tiny", image_size=image_size)
     norm = dict(mean=model.image_mean, std=model.image_std)
-    train = _Materialized(SyntheticLesions(length=128, image_size=image_size, seed=seed, **norm))
+    train = CachedDataset(SyntheticLesions(length=128, image_size=image_size, seed=seed, **norm))
     fit(model, train, max_steps=steps, epochs=steps, batch_size=16, lr=3e-3, weight_decay=0.0,
         seed=seed, progress=False)  # fmt: skip
     item = SyntheticLesions(length=8, image_size=image_size, seed=seed + 10_000)[3]
@@ -97,17 +84,18 @@ def run_demo(
     progress: bool = False,
     uncertainty: bool = False,
     uncertainty_steps: int = 60,
+    sheet_rows: int = 6,
 ) -> dict:
     """Run the demo; returns the metrics before and after training and the pictures' paths."""
     seed_everything(seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = create_model("clipseg-tiny", image_size=image_size, freeze_backbone=False)
     norm = dict(mean=model.image_mean, std=model.image_std)
-    train_set = _Materialized(
+    train_set = CachedDataset(
         SyntheticLesions(length=train_size, image_size=image_size, seed=seed, **norm)
     )
     val_kw = dict(length=val_size, image_size=image_size, seed=seed + 10_000)
-    val_set = _Materialized(SyntheticLesions(**val_kw, **norm))
+    val_set = CachedDataset(SyntheticLesions(**val_kw, **norm))
     train_loader = DataLoader(
         train_set, batch_size=batch_size, shuffle=True, collate_fn=collate_prompts,
         generator=torch.Generator().manual_seed(seed),
@@ -153,7 +141,7 @@ def run_demo(
             masks,
             probs,
             prompts,
-            n=6,
+            n=sheet_rows,
             title=f"clipseg-tiny after {epochs} epochs on SyntheticLesions",
         ),
         "training_curves": viz.plot_training_curves(records, out_dir / "training_curves.png"),

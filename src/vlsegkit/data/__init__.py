@@ -6,6 +6,7 @@
 
 from typing import TYPE_CHECKING, Any
 
+from .cached import CachedDataset
 from .images import to_image_tensor
 from .synthetic import (
     ComponentAttributes,
@@ -29,6 +30,7 @@ __all__ = [
     "CAMUS_CLASSES",
     "CHEXLOCALIZE_CLASSES",
     "DATASET_TEMPLATES",
+    "CachedDataset",
     "ComponentAttributes",
     "ImageMaskPromptDataset",
     "PromptTemplates",

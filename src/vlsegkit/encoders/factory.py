@@ -38,8 +38,12 @@ __all__ = [
     "tower_spec_from_dict",
 ]
 
+#: Image normalisation of OpenAI's CLIP pretraining (also open_clip's default).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+#: ImageNet statistics (CLIPSeg's preprocessor, MedCLIPSeg's released training).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _check_keys(spec: Mapping, allowed: set[str], required: set[str], where: str) -> None:

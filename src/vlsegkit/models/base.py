@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .._config import RecordsConfig
 from ..data.images import to_image_tensor
+from ..encoders.factory import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ..hub import (
     CONFIG_NAME,
     PICKLE_NAMES,
@@ -64,31 +65,14 @@ def parse_text_prompts(prompts: Any, batch: int) -> tuple[list[str], Tensor]:
     Raises:
         ValueError: an empty list, non-strings, or nested lists that do not match the batch.
     """
-    if isinstance(prompts, str):
+    kind = _prompt_kind(prompts)
+    if kind == "one":
         return [prompts], torch.zeros(batch, 1, dtype=torch.long)
-    if not isinstance(prompts, Sequence) or isinstance(prompts, (bytes, Tensor)):
-        raise ValueError(
-            "prompts must be a string, a list of strings or B lists of strings, got "
-            f"{type(prompts).__name__}"
-        )
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("prompts must not be an empty list")
-    if all(isinstance(p, str) for p in prompts):
-        flat, index = prompts, _pairing(batch, len(prompts))
-    elif all(isinstance(p, (list, tuple)) for p in prompts):
-        counts = {len(p) for p in prompts}
-        if len(prompts) != batch or len(counts) != 1 or 0 in counts:
-            raise ValueError(
-                f"nested prompts must be B={batch} lists (one per image) of the same non-zero "
-                f"length, got lengths {[len(p) for p in prompts]}"
-            )
-        flat = [s for row in prompts for s in row]
-        if not all(isinstance(s, str) for s in flat):
-            raise ValueError("prompts must be strings")
-        index = torch.arange(len(flat)).view(batch, -1)
+    if kind == "flat":
+        flat, index = list(prompts), _pairing(batch, len(prompts))
     else:
-        raise ValueError("prompts must be a string, a list of strings or B lists of strings")
+        flat = [s for row in _per_image_lists(prompts, batch) for s in row]
+        index = torch.arange(len(flat)).view(batch, -1)
     distinct = list(dict.fromkeys(flat))
     where = {text: n for n, text in enumerate(distinct)}
     remap = torch.tensor([where[text] for text in flat], dtype=torch.long)
@@ -170,6 +154,37 @@ def _as_image_list(images: ImageInput | Sequence[ImageInput]) -> tuple[bool, lis
     return not many, items
 
 
+def _per_image_lists(prompts: Sequence[Any], batch: int) -> list[list[str]]:
+    """Validate one list of C strings per image (the same C for all) and return them as lists."""
+    counts = {len(p) for p in prompts}
+    if len(prompts) != batch or len(counts) != 1 or 0 in counts:
+        raise ValueError(
+            f"nested prompts must be B={batch} lists (one per image) of the same non-zero "
+            f"length, got lengths {[len(p) for p in prompts]}"
+        )
+    if not all(isinstance(s, str) for row in prompts for s in row):
+        raise ValueError("prompts must be strings")
+    return [list(p) for p in prompts]
+
+
+def _prompt_kind(prompts: Any) -> str:
+    """``"one"`` (a string), ``"flat"`` (strings) or ``"nested"`` (lists of strings)."""
+    if isinstance(prompts, str):
+        return "one"
+    if not isinstance(prompts, Sequence) or isinstance(prompts, (bytes, Tensor)):
+        raise ValueError(
+            "prompts must be a string, a list of strings or one list of strings per image, got "
+            f"{type(prompts).__name__}"
+        )
+    if not prompts:
+        raise ValueError("prompts must not be an empty list")
+    if all(isinstance(p, str) for p in prompts):
+        return "flat"
+    if all(isinstance(p, (list, tuple)) for p in prompts):
+        return "nested"
+    raise ValueError("prompts must be a string, a list of strings or one list of strings per image")
+
+
 def prompts_per_image(prompts: Any, num_images: int) -> list[list[str]]:
     """The prompts of every image under ``predict``'s rule (the same for every model).
 
@@ -184,26 +199,12 @@ def prompts_per_image(prompts: Any, num_images: int) -> list[list[str]]:
     Raises:
         ValueError: no prompts, non-strings, or nested lists that do not give each image C prompts.
     """
-    if isinstance(prompts, str):
+    kind = _prompt_kind(prompts)
+    if kind == "one":
         return [[prompts] for _ in range(num_images)]
-    if not isinstance(prompts, Sequence) or not prompts:
-        raise ValueError(
-            "prompts must be a string, a non-empty list of strings, or one list of strings per "
-            f"image; got {prompts!r}"
-        )
-    if all(isinstance(p, str) for p in prompts):
+    if kind == "flat":
         return [list(prompts) for _ in range(num_images)]
-    if all(isinstance(p, (list, tuple)) for p in prompts):
-        counts = {len(p) for p in prompts}
-        if len(prompts) != num_images or len(counts) != 1 or 0 in counts:
-            raise ValueError(
-                f"nested prompts must be {num_images} lists (one per image) of the same non-zero "
-                f"length, got lengths {[len(p) for p in prompts]}"
-            )
-        if not all(isinstance(s, str) for row in prompts for s in row):
-            raise ValueError("prompts must be strings")
-        return [list(p) for p in prompts]
-    raise ValueError("prompts must be a string, a list of strings or one list of strings per image")
+    return _per_image_lists(prompts, num_images)
 
 
 @contextlib.contextmanager
@@ -324,8 +325,8 @@ class VLSM(RecordsConfig, nn.Module):
 
     # -------------------------------------------------------------- preprocessing
     image_size: tuple[int, int] = (224, 224)
-    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
 
     def normalize(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` in ``[0, 1]`` → normalised with the model's mean / std."""

@@ -18,7 +18,13 @@ import torch
 from torch import Tensor
 
 from ..decoders.film import FiLMDecoder
-from ..encoders.factory import TransformersCLIPSpec, create_towers, tower_spec_from_dict
+from ..encoders.factory import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TransformersCLIPSpec,
+    create_towers,
+    tower_spec_from_dict,
+)
 from ..encoders.hooks import HookSlots, RunContext, TowerHook
 from ..encoders.runner import check_layers, embed_tower, run_towers
 from ..hub import CheckpointError, load_state_dict_strict, read_json, resolve_file
@@ -35,8 +41,6 @@ from .outputs import CLIPSegOutput
 
 __all__ = ["CLIPSeg"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Upstream keys that carry no weights vlsegkit uses: CLIP's contrastive temperature and the
 # position-id buffers that pre-2023 transformers wrote into checkpoints.

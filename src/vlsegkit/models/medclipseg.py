@@ -30,7 +30,16 @@ from torch import Tensor
 
 from ..adapters.pvl import PVLAdapters
 from ..encoders.base import TokenState
-from ..encoders.factory import OpenCLIPSpec, TowerSpec, create_towers, tower_spec_from_dict
+from ..encoders.factory import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    OpenCLIPSpec,
+    TowerSpec,
+    create_towers,
+    tower_spec_from_dict,
+)
 from ..encoders.hooks import HookSlots, RunContext, TowerHook
 from ..encoders.runner import embed_tower, run_towers
 from ..hub import load_state_dict_strict, resolve_file
@@ -64,10 +73,6 @@ __all__ = [
     "released_checkpoint_name",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BIOMEDBERT_ID = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
 
 TextPadding = Literal["max_length", "longest"]
