@@ -338,8 +338,41 @@ def test_text_context_up_to_max_positions():
     ids, mask, _ = _text_batch(MODERN)  # L = 7
     fits = torch.randn(MAX_POS - ids.shape[1], tower.width)
     assert tower.embed(ids, mask, context=fits).tokens.shape[1] == MAX_POS
-    with pytest.raises(ValueError, match="max_positions=16"):
-        tower.embed(ids, mask, context=torch.randn(MAX_POS - ids.shape[1] + 1, tower.width))
+    too_long = torch.randn(MAX_POS - ids.shape[1] + 2, tower.width)
+    with pytest.raises(ValueError, match="exceed the 16 text positions"):
+        tower.embed(ids, mask, context=too_long)
+
+
+def test_text_overflow_truncate_and_released():
+    tower = HFCLIPTextTower.from_clip_model(_model("clip", False, "sdpa"))
+    ids, mask, _ = _text_batch(MODERN)  # (B, L = 7), right padded
+    n = MAX_POS - ids.shape[1] + 2  # two positions too many
+    ctx = torch.randn(n, tower.width, generator=torch.Generator().manual_seed(0))
+    words = tower.text_model.embeddings.token_embedding(ids)
+    pos = tower.text_model.embeddings.position_embedding.weight[:MAX_POS]
+    full = torch.cat([words[:, :1], ctx.expand(len(ids), -1, -1), words[:, 1:]], 1)
+    full_mask = torch.cat([mask[:, :1], torch.ones(len(ids), n, dtype=mask.dtype), mask[:, 1:]], 1)
+    eos = tower.eos_index(ids) + n
+    with torch.no_grad():
+        # released (TuneVLSeg): keep the first 15 positions and the sequence's last one; the mask is
+        # cropped at its end; the pooling index is clamped to 15
+        released = tower.embed(ids, mask, context=ctx, overflow="released")
+        assert torch.equal(released.tokens, torch.cat([full[:, :15], full[:, -1:]], 1) + pos)
+        assert torch.equal(released.attention_mask, full_mask[:, :16].bool())
+        assert released.pool_index.tolist() == eos.clamp(max=15).tolist()
+        # truncate: a row whose end token is cut keeps it at the last position, with a warning
+        with pytest.warns(UserWarning, match="exceed the 16 text positions"):
+            cut = tower.embed(ids, mask, context=ctx, overflow="truncate")
+    last = (full_mask * torch.arange(full.shape[1])).argmax(1)
+    for b in range(len(ids)):
+        expected = full[b, :16].clone()
+        if last[b] >= 16:
+            expected[15] = full[b, last[b]]
+            assert cut.pool_index[b] == 15 and cut.attention_mask[b, 15]
+        else:
+            assert cut.pool_index[b] == eos[b]
+        assert torch.equal(cut.tokens[b], expected + pos)
+    assert (last >= 16).any()  # the test really cuts a row
 
 
 # ----------------------------------------------------------------------------- dtypes
@@ -474,7 +507,7 @@ def test_bad_inputs_raise():
         tt.embed(ids, mask[:, :5])
     with pytest.raises(ValueError, match=r"prompts must have shape \(B, n, 32\)"):
         tt.embed(ids, mask, context=torch.randn(2, 16))
-    with pytest.raises(ValueError, match="exceeds max_positions"):
+    with pytest.raises(ValueError, match="exceed the .* text positions"):
         tt.embed(torch.ones(1, MAX_POS + 1, dtype=torch.long))
     with pytest.raises(ValueError, match="eos_pooling must be"):
         HFCLIPTextTower(model.text_model, model.text_projection, eos_pooling="last")

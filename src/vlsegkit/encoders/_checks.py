@@ -58,14 +58,6 @@ def _check_ids(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor | Non
     return attention_mask.bool()
 
 
-def _check_length(length: int, num_context: int, max_positions: int) -> None:
-    if length + num_context > max_positions:
-        raise ValueError(
-            f"input_ids length {length} + context length {num_context} = {length + num_context} "
-            f"exceeds max_positions={max_positions}"
-        )
-
-
 def _gather(tokens: Tensor, index: Tensor | None) -> Tensor:
     """``tokens[b, index[b]]`` -> ``(B, D)``; position 0 when ``index`` is None."""
     if index is None:

@@ -19,15 +19,19 @@ own weights and parameter names.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from .hooks import TowerHook
+
+#: What a text tower does when prompt + context tokens exceed its positions (``TokenState.fit_length``).
+Overflow = Literal["error", "truncate", "released"]
 
 __all__ = [
     "TokenState",
@@ -119,6 +123,70 @@ class TokenState:
             attention_mask=None if mask is None else mask[rows],
             pool_index=None if pool is None else pool[rows],
         )
+
+    def fit_length(self, max_len: int, overflow: Overflow = "error") -> TokenState:
+        """Fit the sequence into ``max_len`` positions (a text tower's position table).
+
+        Args:
+            max_len: the number of positions available.
+            overflow: what to do when prompt tokens plus inserted context exceed ``max_len``:
+                ``"error"`` raises; ``"truncate"`` cuts each row to ``max_len`` tokens keeping its
+                last real token (EOS / [SEP]) last, with a ``PromptTruncationWarning`` -- the
+                tokenizer's own rule; ``"released"`` keeps the first ``max_len - 1`` tokens and the
+                sequence's last position, crops the mask's end and clamps the pooling index, as
+                TuneVLSeg's released CoOp code does.
+
+        Returns:
+            The state, unchanged when it fits.
+        """
+        n = self.tokens.shape[1]
+        if n <= max_len:
+            return self
+        if overflow == "error":
+            raise ValueError(
+                f"{n - self.num_prompts} prompt tokens + {self.num_prompts} context tokens = {n} "
+                f"exceed the {max_len} text positions; shorten the prompt or let the context "
+                "learner truncate it (overflow='truncate')"
+            )
+        mask, pool = self.attention_mask, self.pool_index
+        if overflow == "released":
+            tokens = torch.cat([self.tokens[:, : max_len - 1], self.tokens[:, -1:]], dim=1)
+            return self.replace(
+                tokens=tokens,
+                attention_mask=None if mask is None else mask[:, :max_len],
+                pool_index=None if pool is None else pool.clamp(max=max_len - 1),
+            )
+        if overflow != "truncate":
+            raise ValueError(
+                f"overflow must be 'error', 'truncate' or 'released', got {overflow!r}"
+            )
+        rows = torch.arange(self.batch_size, device=self.tokens.device)
+        if mask is not None:  # each row's last real token
+            last = (mask.long() * torch.arange(n, device=mask.device)).argmax(dim=1)
+        elif pool is not None:
+            last = pool
+        else:
+            last = torch.full_like(rows, n - 1)
+        cut = last >= max_len
+        tokens = self.tokens[:, :max_len].clone()
+        new_mask = None if mask is None else mask[:, :max_len].clone()
+        if bool(cut.any()):
+            from ..tokenizers import PromptTruncationWarning
+
+            warnings.warn(
+                f"{int(cut.sum())} prompt(s) plus {self.num_prompts} context tokens exceed the "
+                f"{max_len} text positions; their last tokens before the end token were cut",
+                PromptTruncationWarning,
+                stacklevel=3,
+            )
+            tokens[rows[cut], max_len - 1] = self.tokens[rows[cut], last[cut]]
+            if new_mask is not None:
+                new_mask[rows[cut], max_len - 1] = True
+            if pool is not None:
+                pool = torch.where(cut & (pool == last), torch.full_like(pool, max_len - 1), pool)
+        if pool is not None:
+            pool = pool.clamp(max=max_len - 1)
+        return self.replace(tokens=tokens, attention_mask=new_mask, pool_index=pool)
 
     def replace(self, **changes) -> TokenState:
         """A copy with some fields changed (states are immutable so hooks cannot alias)."""

@@ -25,9 +25,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from vlsegkit.encoders._checks import _check_ids, _check_layer_index, _check_length, _patch_grid
+from vlsegkit.encoders._checks import _check_ids, _check_layer_index, _patch_grid
 from vlsegkit.encoders._pos_embed import resample_grid_pos_embed
-from vlsegkit.encoders.base import TokenState, Tower, attention_bias
+from vlsegkit.encoders.base import Overflow, TokenState, Tower, attention_bias
 
 __all__ = ["HFCLIPTextTower", "HFCLIPVisionTower", "from_clip_model"]
 
@@ -281,6 +281,7 @@ class HFCLIPTextTower(Tower):
         attention_mask: Tensor | None = None,
         *,
         context: Tensor | None = None,
+        overflow: Overflow = "error",
     ) -> TokenState:
         """Token embeddings, CoOp context after BOS, then position embeddings.
 
@@ -290,6 +291,8 @@ class HFCLIPTextTower(Tower):
             context: optional ``(B, n, D)`` or ``(n, D)`` learnable context embeddings placed at
                 positions ``1 .. n`` (words shift right by ``n``); the mask is extended with ones and
                 the EOS index shifted by ``n``.
+            overflow: when ``L + n`` exceeds the position table: ``"error"``, ``"truncate"`` or
+                ``"released"`` (see :meth:`TokenState.fit_length`).
 
         Returns:
             ``TokenState`` with tokens ``(B, L + n, D)``, ``num_prefix=1``, ``num_prompts=n``,
@@ -306,7 +309,7 @@ class HFCLIPTextTower(Tower):
         )
         if context is not None:
             state = state.insert_prompts(context)  # validates the context shape
-        _check_length(input_ids.shape[1], state.num_prompts, self.max_positions)
+        state = state.fit_length(self.max_positions, overflow)
         length = state.tokens.shape[1]
         pos = emb.position_embedding.weight[:length]
         return state.with_tokens(state.tokens + pos)

@@ -38,13 +38,12 @@ from torch import Tensor, nn
 from vlsegkit.encoders._checks import (
     _check_ids,
     _check_layer_index,
-    _check_length,
     _check_tokens,
     _gather,
     _patch_grid,
 )
 from vlsegkit.encoders._pos_embed import resample_grid_pos_embed
-from vlsegkit.encoders.base import TokenState, Tower, attention_bias
+from vlsegkit.encoders.base import Overflow, TokenState, Tower, attention_bias
 
 __all__ = [
     "HFBertTextTower",
@@ -357,6 +356,7 @@ class OpenCLIPTextTower(Tower):
         attention_mask: Tensor | None = None,
         *,
         context: Tensor | None = None,
+        overflow: Overflow = "error",
     ) -> TokenState:
         """Token embeddings, CoOp context after SOS, then position embeddings.
 
@@ -368,15 +368,16 @@ class OpenCLIPTextTower(Tower):
             context: optional ``(B, n, D)`` or ``(n, D)`` learnable context embeddings placed at
                 positions ``1 .. n`` before the position embeddings are added; the mask is extended
                 with ones and the pooling index shifted by ``n``.
+            overflow: when ``L + n`` exceeds the position table: ``"error"``, ``"truncate"`` or
+                ``"released"`` (see :meth:`~vlsegkit.encoders.TokenState.fit_length`).
 
         Returns:
             ``TokenState`` with tokens ``(B, L + n, D)``, ``num_prefix=1``, ``num_prompts=n``.
         """
         mask = _check_ids(input_ids, attention_mask)
-        b, length = input_ids.shape
+        b = input_ids.shape[0]
         if context is not None:
             _check_tokens("context", context, b, self.width)
-        _check_length(length, 0 if context is None else context.shape[-2], self.max_positions)
         t = self.text
         if mask is None and getattr(t, "use_pad_mask", False):
             mask = input_ids != t.pad_id
@@ -390,6 +391,7 @@ class OpenCLIPTextTower(Tower):
         )
         if context is not None:
             state = state.insert_prompts(context)
+        state = state.fit_length(self.max_positions, overflow)
         pos = t.positional_embedding[: state.tokens.shape[1]].to(cast)
         return state.with_tokens(state.tokens + pos)
 
@@ -649,6 +651,7 @@ class HFBertTextTower(Tower):
         attention_mask: Tensor | None = None,
         *,
         context: Tensor | None = None,
+        overflow: Overflow = "error",
     ) -> TokenState:
         """Word embeddings, context after [CLS], then BERT's position/type embeddings and LayerNorm.
 
@@ -657,16 +660,17 @@ class HFBertTextTower(Tower):
             attention_mask: optional ``(B, L)``; defaults to ``input_ids != pad_token_id``.
             context: optional ``(B, n, D)`` or ``(n, D)`` learnable embeddings placed at positions
                 ``1 .. n`` (they receive position embeddings ``1 .. n``); mask extended with ones.
+            overflow: when ``L + n`` exceeds the position table: ``"error"``, ``"truncate"`` or
+                ``"released"`` (see :meth:`~vlsegkit.encoders.TokenState.fit_length`).
 
         Returns:
             ``TokenState`` with tokens ``(B, L + n, D)``, ``num_prefix=1``, ``num_prompts=n``,
             ``pool_index`` zeros (CLS), ``causal=False``.
         """
         mask = _check_ids(input_ids, attention_mask)
-        b, length = input_ids.shape
+        b = input_ids.shape[0]
         if context is not None:
             _check_tokens("context", context, b, self.width)
-        _check_length(length, 0 if context is None else context.shape[-2], self.max_positions)
         if mask is None:
             mask = (
                 torch.ones_like(input_ids, dtype=torch.bool)
@@ -680,6 +684,7 @@ class HFBertTextTower(Tower):
         )
         if context is not None:
             state = state.insert_prompts(context)
+        state = state.fit_length(self.max_positions, overflow)
         return state.with_tokens(emb(inputs_embeds=state.tokens))
 
     def _mask(self, state: TokenState) -> Tensor | None:

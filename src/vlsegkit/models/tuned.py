@@ -119,8 +119,9 @@ class TunedModel(VLSM):
         hooks: one :class:`~vlsegkit.encoders.TowerHook` or a list of them (or their configs); bound
             to the base's hook slots here.
         upsampler: a :class:`~vlsegkit.prompts.LearnableUpsampler`, its config dict, True (default
-            arguments, input width ``base.decoder_feature_dim``), ``"auto"`` (True when the base
-            offers decoder features) or None / False (none).
+            arguments, input width ``base.decoder_feature_dim``), a mode (``"residual"``,
+            ``"interpolate"``, ``"add"``), ``"auto"`` (True when the base offers decoder features)
+            or None / False (none).
         gradient_checkpointing: recompute the frozen towers' block activations in backward instead of
             storing them (sets ``base.gradient_checkpointing``).
 
@@ -192,6 +193,8 @@ class TunedModel(VLSM):
             upsampler = isinstance(base, SupportsDecoderFeatures)
         if upsampler is None or upsampler is False:
             return None
+        if isinstance(upsampler, str):  # a LearnableUpsampler mode
+            upsampler = {"mode": upsampler}
         if not isinstance(base, SupportsDecoderFeatures):
             raise TypeError(
                 f"{type(base).__name__} cannot return decoder features for a learnable upsampler; "
@@ -204,7 +207,7 @@ class TunedModel(VLSM):
             kwargs.setdefault("in_channels", base.decoder_feature_dim)
             return LearnableUpsampler(**kwargs)
         raise TypeError(
-            "upsampler must be a LearnableUpsampler, a dict, a bool, 'auto' or None, got "
+            "upsampler must be a LearnableUpsampler, a dict, a bool, a mode, 'auto' or None, got "
             f"{upsampler!r}"
         )
 

@@ -36,12 +36,14 @@ from torch import Tensor, nn
 from ..encoders.base import TokenState, Tower
 from ..encoders.hooks import HookSlots, RunContext, TowerHook
 
-__all__ = ["ContextLearner", "DecoderPrompts", "PromptSet"]
+__all__ = ["ContextLearner", "DecoderPrompts", "PromptSet", "TextOverflow"]
 
 _DIM_KEYS = ("text_width", "text_layers", "vision_width", "vision_layers", "image_dim")
 
 #: What the decoder reads in the prompt slots of kept vision blocks (see the module docstring).
 DecoderPrompts = bool | Literal["released"]
+#: How a text learner fits a long prompt plus its context into the text positions.
+TextOverflow = Literal["truncate", "released"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,11 @@ class ContextLearner(TowerHook):
             (vision-prompting learners): False removes them (default), True keeps the blocks' outputs
             there, ``"released"`` reproduces TuneVLSeg's released CLIPSeg code (the next depth's
             prompts for kept blocks below depth J).
+        overflow: text learners, when a prompt plus the context exceeds the text positions:
+            ``"truncate"`` (default) has the tokenizer leave room for the context and cut long
+            prompts keeping their end token, with a warning; ``"released"`` tokenizes without room
+            and crops the middle of the sequence, keeping its last position, as TuneVLSeg's released
+            code does (:meth:`~vlsegkit.encoders.TokenState.fit_length`).
         text_width, text_layers, vision_width, vision_layers, image_dim: tower sizes (width ``D``,
             number of blocks, joint embedding width ``E`` of the vision tower).
     """
@@ -119,6 +126,21 @@ class ContextLearner(TowerHook):
     required_dims: ClassVar[tuple[str, ...]] = ()
     #: The first text context lives in token-embedding space and can start from a phrase.
     phrase_init: ClassVar[bool] = False
+    #: TuneVLSeg's released configuration of this learner (``configs/model/*.yaml`` of
+    #: ``naamiinepal/tunevlseg``) as constructor arguments; see :meth:`released`.
+    RELEASED: ClassVar[dict[str, Any]] = {}
+    #: How TuneVLSeg's released CLIPSeg code joins the learnable upsampler to the logits for this
+    #: learner (a :class:`~vlsegkit.prompts.LearnableUpsampler` ``mode``), or None where it creates
+    #: the upsampler but never calls it (CoOp, CoCoOp).
+    RELEASED_UPSAMPLER: ClassVar[str | None] = None
+
+    @classmethod
+    def released(cls, **overrides: Any) -> ContextLearner:
+        """This learner as TuneVLSeg released it (``RELEASED`` arguments, then ``overrides``).
+
+        Attach it with ``upsampler="released"`` to get the released upsampler as well.
+        """
+        return cls(**{**cls.RELEASED, **overrides})
 
     def __init__(
         self,
@@ -128,9 +150,13 @@ class ContextLearner(TowerHook):
         init_std: float = 0.02,
         init: str | None = None,
         decoder_sees_prompts: DecoderPrompts = False,
+        overflow: TextOverflow = "truncate",
         **dims: int | None,
     ) -> None:
         super().__init__()
+        if overflow not in ("truncate", "released"):
+            raise ValueError(f"overflow must be 'truncate' or 'released', got {overflow!r}")
+        self.overflow = overflow
         unknown = set(dims) - set(_DIM_KEYS)
         if unknown:
             raise TypeError(f"unexpected arguments {sorted(unknown)}")
@@ -348,11 +374,14 @@ class ContextLearner(TowerHook):
         return range(1, self.depth)
 
     def num_tokens(self, tower: str) -> int:
-        return int(self.num_context or 0) if tower in self.towers else 0
+        if tower not in self.towers or (tower == "text" and self.overflow == "released"):
+            return 0  # released: the tokenizer leaves no room; the tower crops instead
+        return int(self.num_context or 0)
 
     def embed(self, tower: str, ctx: RunContext) -> dict[str, Any]:
-        key = "context" if tower == "text" else "prompts"
-        return {key: self._deep(tower, ctx)[0]}
+        if tower == "text":
+            return {"context": self._deep(tower, ctx)[0], "overflow": self.overflow}
+        return {"prompts": self._deep(tower, ctx)[0]}
 
     def forward(
         self, i: int, states: dict[str, TokenState], ctx: RunContext
@@ -376,12 +405,15 @@ class ContextLearner(TowerHook):
             model: any model with hook slots (e.g. :class:`~vlsegkit.CLIPSeg`,
                 :class:`~vlsegkit.MedCLIPSeg`).
             **kwargs: :class:`~vlsegkit.TunedModel` options; ``upsampler`` defaults to ``"auto"``
-                (TuneVLSeg's learnable upsampler when the model offers decoder features).
+                (TuneVLSeg's learnable upsampler when the model offers decoder features);
+                ``"released"`` uses the released code's upsampler mode (``RELEASED_UPSAMPLER``).
 
         Returns:
             The :class:`~vlsegkit.TunedModel`; only the learner (and upsampler) train.
         """
         kwargs.setdefault("upsampler", "auto")
+        if kwargs["upsampler"] == "released":
+            kwargs["upsampler"] = self.RELEASED_UPSAMPLER
         return super().attach(model, **kwargs)
 
     # ------------------------------------------------------------------ config

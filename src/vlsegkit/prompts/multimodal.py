@@ -19,12 +19,14 @@ forward pass come from one evaluation of ``U_i``, so dropout inside ``U_i`` draw
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .base import ContextLearner, PromptSet
+from .base import ContextLearner, PromptSet, TextOverflow
 from .projector import PromptProjector
 
 __all__ = ["MaPLe", "PromptTransformerLayer", "SharedAttention", "SharedSeparate"]
@@ -43,7 +45,10 @@ class MaPLe(ContextLearner):
         init: phrase initialising ``P_0`` (default ``"a photo of a"``; None: Gaussian, TuneVLSeg
             Table 4 ablation).
         init_std: std of the Gaussian initialisation.
-        hidden_dim, low_rank, norm: coupling shape (see :class:`~vlsegkit.prompts.PromptProjector`).
+        hidden_dim, low_rank, norm, final_bias: coupling shape (see
+            :class:`~vlsegkit.prompts.PromptProjector`); ``final_bias`` (the LayerNorm's bias in
+            the MLP / low-rank forms) is on as in TuneVLSeg's released MaPLe.
+        overflow: see :class:`~vlsegkit.prompts.ContextLearner`.
         decoder_sees_prompts: what the decoder reads in the vision prompt slots (see
             :class:`~vlsegkit.prompts.ContextLearner`; ``"released"`` for TuneVLSeg's code).
         text_width, text_layers, vision_width, vision_layers: tower sizes.
@@ -52,6 +57,11 @@ class MaPLe(ContextLearner):
     phrase_init = True
     towers = ("text", "vision")
     required_dims = ("text_width", "text_layers", "vision_width", "vision_layers")
+    RELEASED: ClassVar[dict[str, Any]] = {
+        "init": "a photo of a", "hidden_dim": 64, "norm": True, "final_bias": True,
+        "decoder_sees_prompts": "released", "overflow": "released",
+    }  # fmt: skip
+    RELEASED_UPSAMPLER: ClassVar[str | None] = "interpolate"
 
     def __init__(
         self,
@@ -63,19 +73,23 @@ class MaPLe(ContextLearner):
         hidden_dim: int | None = None,
         low_rank: bool = False,
         norm: bool = True,
+        final_bias: bool = True,
         decoder_sees_prompts: bool | str = False,
+        overflow: TextOverflow = "truncate",
         text_width: int | None = None,
         text_layers: int | None = None,
         vision_width: int | None = None,
         vision_layers: int | None = None,
     ) -> None:
         self.hidden_dim, self.low_rank, self.norm = hidden_dim, low_rank, norm
+        self.final_bias = final_bias
         super().__init__(
             num_context=num_context,
             depth=depth,
             init=init,
             init_std=init_std,
             decoder_sees_prompts=decoder_sees_prompts,
+            overflow=overflow,
             text_width=text_width,
             text_layers=text_layers,
             vision_width=vision_width,
@@ -87,7 +101,12 @@ class MaPLe(ContextLearner):
         self.context = self._normal(self.depth, self.num_context, d_t)
         self.couplings = nn.ModuleList(
             PromptProjector(
-                d_t, d_v, hidden_dim=self.hidden_dim, low_rank=self.low_rank, norm=self.norm
+                d_t,
+                d_v,
+                hidden_dim=self.hidden_dim,
+                low_rank=self.low_rank,
+                norm=self.norm,
+                final_bias=self.final_bias,
             )
             for _ in range(self.depth)
         )
@@ -123,6 +142,11 @@ class SharedSeparate(ContextLearner):
 
     towers = ("text", "vision")
     required_dims = ("text_width", "text_layers", "vision_width", "vision_layers")
+    RELEASED: ClassVar[dict[str, Any]] = {
+        "num_context": 4, "shared_dim": 64, "layernorm": False,
+        "decoder_sees_prompts": "released", "overflow": "released",
+    }  # fmt: skip
+    RELEASED_UPSAMPLER: ClassVar[str | None] = "interpolate"
 
     def __init__(
         self,
@@ -133,6 +157,7 @@ class SharedSeparate(ContextLearner):
         layernorm: bool = True,
         init_std: float = 0.02,
         decoder_sees_prompts: bool | str = False,
+        overflow: TextOverflow = "truncate",
         text_width: int | None = None,
         text_layers: int | None = None,
         vision_width: int | None = None,
@@ -146,6 +171,7 @@ class SharedSeparate(ContextLearner):
             depth=depth,
             init_std=init_std,
             decoder_sees_prompts=decoder_sees_prompts,
+            overflow=overflow,
             text_width=text_width,
             text_layers=text_layers,
             vision_width=vision_width,
@@ -267,6 +293,11 @@ class SharedAttention(ContextLearner):
 
     towers = ("text", "vision")
     required_dims = ("text_width", "text_layers", "vision_width", "vision_layers")
+    RELEASED: ClassVar[dict[str, Any]] = {
+        "num_context": 4, "num_heads": 16, "mlp_dim": 1536, "dropout": 0.25, "norm_first": True,
+        "mix_tokens": False, "decoder_sees_prompts": "released", "overflow": "released",
+    }  # fmt: skip
+    RELEASED_UPSAMPLER: ClassVar[str | None] = "interpolate"
 
     def __init__(
         self,
@@ -280,6 +311,7 @@ class SharedAttention(ContextLearner):
         mix_tokens: bool = True,
         init_std: float = 0.02,
         decoder_sees_prompts: bool | str = False,
+        overflow: TextOverflow = "truncate",
         text_width: int | None = None,
         text_layers: int | None = None,
         vision_width: int | None = None,
@@ -292,6 +324,7 @@ class SharedAttention(ContextLearner):
             depth=depth,
             init_std=init_std,
             decoder_sees_prompts=decoder_sees_prompts,
+            overflow=overflow,
             text_width=text_width,
             text_layers=text_layers,
             vision_width=vision_width,

@@ -18,12 +18,15 @@ class PromptProjector(nn.Module):
 
     Three shapes, by arguments::
 
-        hidden_dim=None:           y = W x + b                            (MaPLe's coupling function)
-        hidden_dim=h:              y = LN(W_2 ReLU(W_1 x + b_1))          (TuneVLSeg meta-net)
-        hidden_dim=h, low_rank:    y = LN(W_2 W_1 x),  W_1: min(h, out) x in   (rank-h factorisation)
+        hidden_dim=None:         y = W x + b                                 (MaPLe's coupling)
+        hidden_dim=h:            y = LN(W_2 ReLU(W_1 x + b_1) [+ b_2])        (TuneVLSeg MLP)
+        hidden_dim=h, low_rank:  y = LN(W_2 W_1 x [+ b_2]),  W_1: min(h, out) x in   (rank-h)
 
-    The LayerNorm has no bias and is applied only with ``hidden_dim`` set and ``norm=True``; the
-    first layer of the MLP is Kaiming-initialised for the ReLU.
+    As in TuneVLSeg's released ``BaseProjectorLearner``: the last linear layer has a bias only
+    without the LayerNorm and with ``final_bias``; the LayerNorm has a bias iff ``final_bias``
+    (MaPLe's released couplings: True; CoCoOp's meta-nets: False); in the low-rank form a ``h`` at
+    least the output width leaves a single linear layer; the MLP's hidden layer is
+    Kaiming-initialised for the ReLU.
 
     Args:
         in_dim: input width.
@@ -31,6 +34,7 @@ class PromptProjector(nn.Module):
         hidden_dim: intermediate width (None: a single affine layer).
         low_rank: use the linear rank-``hidden_dim`` factorisation instead of the ReLU MLP.
         norm: final LayerNorm (ignored without ``hidden_dim``).
+        final_bias: bias of the final LayerNorm (or, without it, of the final linear layer).
 
     Shapes:
         ``(..., in_dim) -> (..., out_dim)``.
@@ -44,6 +48,7 @@ class PromptProjector(nn.Module):
         hidden_dim: int | None = None,
         low_rank: bool = False,
         norm: bool = True,
+        final_bias: bool = False,
     ) -> None:
         super().__init__()
         if hidden_dim is not None and hidden_dim < 1:
@@ -54,18 +59,18 @@ class PromptProjector(nn.Module):
         if hidden_dim is None:
             self.net = nn.Linear(in_dim, out_dim)
             return
+        last_bias = final_bias and not norm
         if low_rank:
             rank = min(hidden_dim, out_dim)
-            layers: list[nn.Module] = [
-                nn.Linear(in_dim, rank, bias=False),
-                nn.Linear(rank, out_dim, bias=False),
-            ]
+            layers: list[nn.Module] = [nn.Linear(in_dim, rank, bias=False)]
+            if hidden_dim <= out_dim:
+                layers.append(nn.Linear(hidden_dim, out_dim, bias=last_bias))
         else:
             first = nn.Linear(in_dim, hidden_dim)
             nn.init.kaiming_normal_(first.weight, nonlinearity="relu")
-            layers = [first, nn.ReLU(), nn.Linear(hidden_dim, out_dim, bias=False)]
+            layers = [first, nn.ReLU(), nn.Linear(hidden_dim, out_dim, bias=last_bias)]
         if norm:
-            layers.append(nn.LayerNorm(out_dim, bias=False))
+            layers.append(nn.LayerNorm(out_dim, bias=final_bias))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:

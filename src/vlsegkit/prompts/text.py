@@ -15,9 +15,11 @@ learned context.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from torch import Tensor, nn
 
-from .base import ContextLearner, PromptSet, _check_image_features
+from .base import ContextLearner, PromptSet, TextOverflow, _check_image_features
 from .projector import PromptProjector
 
 __all__ = ["CoCoOp", "CoOp"]
@@ -36,6 +38,7 @@ class CoOp(ContextLearner):
         depth: ``J``, ``1 <= J <= text_layers``.
         init: phrase initialising ``P_0`` (TuneVLSeg / CoOp: ``"a photo of a"``; None: Gaussian).
         init_std: std of the Gaussian initialisation.
+        overflow: see :class:`~vlsegkit.prompts.ContextLearner`.
         text_width, text_layers: text tower sizes (read by ``bind`` / ``attach`` when omitted).
 
     Example:
@@ -46,6 +49,7 @@ class CoOp(ContextLearner):
     phrase_init = True
     towers = ("text",)
     required_dims = ("text_width", "text_layers")
+    RELEASED: ClassVar[dict[str, Any]] = {"init": "a photo of a", "overflow": "released"}
 
     def __init__(
         self,
@@ -54,6 +58,7 @@ class CoOp(ContextLearner):
         depth: int = 1,
         init: str | None = "a photo of a",
         init_std: float = 0.02,
+        overflow: TextOverflow = "truncate",
         text_width: int | None = None,
         text_layers: int | None = None,
     ) -> None:
@@ -62,6 +67,7 @@ class CoOp(ContextLearner):
             depth=depth,
             init=init,
             init_std=init_std,
+            overflow=overflow,
             text_width=text_width,
             text_layers=text_layers,
         )
@@ -91,6 +97,8 @@ class CoCoOp(CoOp):
         hidden_dim: meta-net width ``d_int`` (TuneVLSeg searches {32, 64, 96, 128}).
         low_rank: linear rank-``hidden_dim`` meta-net instead of the ReLU MLP.
         norm: LayerNorm after the meta-net (TuneVLSeg ``use_proj_norm``).
+        final_bias: bias of that LayerNorm (TuneVLSeg's CoCoOp: none).
+        overflow: see :class:`~vlsegkit.prompts.ContextLearner`.
         normalize_features: L2-normalise ``f`` first (original CoCoOp; TuneVLSeg: off).
         text_width, text_layers: text tower sizes.
         image_dim: width ``E`` of the image embedding (vision tower ``embed_dim``).
@@ -102,6 +110,10 @@ class CoCoOp(CoOp):
     required_dims = ("text_width", "text_layers", "image_dim")
     needs_image_features = True
     pairs_text_with_images = True
+    RELEASED: ClassVar[dict[str, Any]] = {
+        "init": "a photo of a", "hidden_dim": 64, "norm": True, "final_bias": False,
+        "normalize_features": False, "overflow": "released",
+    }  # fmt: skip
 
     def __init__(
         self,
@@ -113,12 +125,15 @@ class CoCoOp(CoOp):
         hidden_dim: int = 64,
         low_rank: bool = False,
         norm: bool = True,
+        final_bias: bool = False,
         normalize_features: bool = False,
+        overflow: TextOverflow = "truncate",
         text_width: int | None = None,
         text_layers: int | None = None,
         image_dim: int | None = None,
     ) -> None:
         self.hidden_dim, self.low_rank, self.norm = hidden_dim, low_rank, norm
+        self.final_bias = final_bias
         self.normalize_features = normalize_features
         ContextLearner.__init__(
             self,
@@ -126,6 +141,7 @@ class CoCoOp(CoOp):
             depth=depth,
             init=init,
             init_std=init_std,
+            overflow=overflow,
             text_width=text_width,
             text_layers=text_layers,
             image_dim=image_dim,
@@ -140,6 +156,7 @@ class CoCoOp(CoOp):
                 hidden_dim=self.hidden_dim,
                 low_rank=self.low_rank,
                 norm=self.norm,
+                final_bias=self.final_bias,
             )
             for _ in range(self.depth)
         )

@@ -9,6 +9,8 @@ before block ``i``, their outputs are discarded and replaced by the next depth's
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from torch import Tensor
 
 from .base import ContextLearner, PromptSet
@@ -37,6 +39,8 @@ class VPT(ContextLearner):
 
     towers = ("vision",)
     required_dims = ("vision_width", "vision_layers")
+    RELEASED: ClassVar[dict[str, Any]] = {"num_context": 4, "decoder_sees_prompts": "released"}
+    RELEASED_UPSAMPLER: ClassVar[str | None] = "add"
 
     def __init__(
         self,
