@@ -102,10 +102,18 @@ def test_train_writes_model_history_and_resolved_config(trained):
         for n, p in init.decoder.named_parameters()
     ]
     assert max(moved) > 1e-3
-    # The last validation record is the saved model scored on the seed + 10000 synthetic set.
+    # OUT/model is the best epoch by the monitored metric (val_dice), OUT/last the last epoch: each
+    # scores exactly as its epoch's validation record on the seed + 10000 synthetic set.
+    assert history["monitor"] == "val_dice"
+    best = history["val"][history["best_epoch"]]
+    assert best["dice"] == max(r["dice"] for r in history["val"])
     expected = evaluate(model, _val_loader(model))
+    last = evaluate(VLSM.from_pretrained(trained / "last"), _val_loader(model))
     for key in ("dice", "iou", "loss"):
-        assert history["val"][-1][key] == pytest.approx(expected[key], abs=1e-5)
+        assert best[key] == pytest.approx(expected[key], abs=1e-5)
+        assert history["val"][-1][key] == pytest.approx(last[key], abs=1e-5)
+    with Image.open(trained / "training_curves.png") as curves:
+        assert curves.width > 400
 
 
 def test_train_yaml_config_is_deterministic_and_resumable(tmp_path, capsys):
@@ -443,3 +451,23 @@ def test_the_cli_reference_page_lists_every_option():
                 if flag.startswith("--") and flag != "--help":
                     base = flag[2:].removeprefix("no-")
                     assert f"--{base}" in text or f"--[no-]{base}" in text, (name, flag)
+
+
+def test_train_val_fraction_and_the_fallback_notice(tmp_path):
+    proc = run_cli(
+        "train", "clipseg-tiny", "--data", "synthetic", "--val-size", 0, "--train-size", 10,
+        "--image-size", SIZE, "--epochs", 1, "--batch-size", 5, "--out", "a", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "best epoch is chosen by the training loss" in proc.stdout
+    proc = run_cli(
+        "train", "clipseg-tiny", "--data", "synthetic", "--val-size", 0, "--train-size", 10,
+        "--val-fraction", 0.3, "--image-size", SIZE, "--epochs", 1, "--batch-size", 5,
+        "--out", "b", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "7 training / 3 validation images" in proc.stdout
+    history = json.loads((tmp_path / "b" / "history.json").read_text())
+    assert history["monitor"] == "val_dice" and history["val"][0]["count"] == 3
+    bad = run_cli("train", "clipseg-tiny", "--val-fraction", 1.5, cwd=tmp_path)
+    assert bad.returncode == 2 and "--val-fraction must be in [0, 1)" in bad.stderr

@@ -507,7 +507,7 @@ def test_bad_inputs_raise():
         tt.embed(ids, mask[:, :5])
     with pytest.raises(ValueError, match=r"prompts must have shape \(B, n, 32\)"):
         tt.embed(ids, mask, context=torch.randn(2, 16))
-    with pytest.raises(ValueError, match="exceed the .* text positions"):
+    with pytest.raises(ValueError, match=r"exceed the .* text positions"):
         tt.embed(torch.ones(1, MAX_POS + 1, dtype=torch.long))
     with pytest.raises(ValueError, match="eos_pooling must be"):
         HFCLIPTextTower(model.text_model, model.text_projection, eos_pooling="last")

@@ -671,9 +671,9 @@ def test_text_bad_inputs(clip_model, biomed_model, name):
     d, limit = tower.width, tower.max_positions
     long_ids = ids.new_ones(1, limit)
     tower.embed(long_ids)  # exactly max_positions is fine
-    with pytest.raises(ValueError, match="exceed the .* text positions"):
+    with pytest.raises(ValueError, match=r"exceed the .* text positions"):
         tower.embed(long_ids, context=torch.randn(1, d))
-    with pytest.raises(ValueError, match="exceed the .* text positions"):
+    with pytest.raises(ValueError, match=r"exceed the .* text positions"):
         tower.embed(ids.new_ones(1, limit + 1))
     with pytest.raises(ValueError, match=r"input_ids must have shape \(B, L\)"):
         tower.embed(ids[0])

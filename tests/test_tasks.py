@@ -235,3 +235,25 @@ def test_a_task_must_return_a_loss():
     model = create_model("clipseg-tiny")
     with pytest.raises(TypeError, match="must return a dict with a tensor 'loss' entry"):
         fit(model, _lesions(model, length=4), task=NoLoss(), progress=False)
+
+
+def test_checkpoints_load_as_models_and_fit_draws_curves(tmp_path):
+    from PIL import Image
+
+    from vlsegkit import VLSM
+    from vlsegkit.train import find_checkpoint
+
+    model = create_model("clipseg-tiny")
+    data = _lesions(model, length=4)
+    curves = tmp_path / "curves.png"
+    fit(model, data, val_loader=data, epochs=2, checkpoint_dir=tmp_path / "ckpt", curves=curves,
+        progress=False)  # fmt: skip
+    with Image.open(curves) as image:
+        assert image.width > 400 and image.height > 200
+    for kind in ("best", "last"):
+        folder = find_checkpoint(tmp_path / "ckpt", kind)
+        loaded = VLSM.from_pretrained(folder)
+        assert type(loaded) is type(model)
+    last = VLSM.from_pretrained(find_checkpoint(tmp_path / "ckpt", "last"))
+    a, b = last.state_dict(), model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

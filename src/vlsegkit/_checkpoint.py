@@ -81,6 +81,7 @@ def save_checkpoint(
     model_state: Mapping[str, Tensor],
     trainer_state: dict[str, Any],
     info: dict[str, Any],
+    model_config: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write one complete checkpoint folder under ``root`` and point ``{kind}.json`` at it.
 
@@ -92,6 +93,8 @@ def save_checkpoint(
             scalars, so that ``torch.load(weights_only=True)`` can read it back.
         info: small JSON-serialisable facts (``step``, ``epoch``, ...) copied into the manifest and
             the pointer file; ``info["step"]`` names the folder.
+        model_config: a vlsegkit model's ``config.json`` content; written next to the weights so
+            the folder also loads with ``VLSM.from_pretrained``.
 
     Returns:
         The new checkpoint folder.
@@ -103,6 +106,8 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{kind}-", dir=root))
     try:
         save_safetensors(model_state, tmp / MODEL_FILE, metadata={"format": FORMAT})
+        if model_config is not None:
+            write_json(tmp / "config.json", model_config)
         atomic_write(tmp / STATE_FILE, lambda p: torch.save(trainer_state, p))
         hashes = {name: _sha256(tmp / name) for name in (MODEL_FILE, STATE_FILE)}
         manifest = {"format": FORMAT, "version": VERSION, "kind": kind, **info, "sha256": hashes}

@@ -114,6 +114,12 @@ _TRAIN_OPTS = (
         "validation dataset path (with a dataset path for --data)",
         metavar="PATH",
     ),
+    _Opt(
+        "val-fraction",
+        float,
+        0.0,
+        "hold out this fraction of a dataset without a validation split (seeded by --seed)",
+    ),
     _Opt("train-size", int, 256, "synthetic training images"),
     _Opt("epochs", int, 10, "passes over the training data"),
     _Opt("batch-size", int, 16, "images per batch"),
@@ -154,7 +160,7 @@ _TRAIN_OPTS = (
         "out",
         str,
         "vlsegkit_run",
-        "output folder: model/, history.json, train_config.json",
+        "output folder: model/ (best epoch), last/, training_curves.png, history.json, ...",
         metavar="DIR",
     ),
 )
@@ -203,6 +209,7 @@ _RANGES = {
     "negative_fraction": (0.0, 1.0, False, False),
     "threshold": (0.0, 1.0, True, True),
     "mask_threshold": (0.0, _INF, False, True),
+    "val_fraction": (0.0, 1.0, False, True),
     "alpha": (0.0, 1.0, False, False),
 }
 
@@ -451,6 +458,21 @@ def _dataset(opts: argparse.Namespace, model, path: str, *, length: int, seed: i
     )
 
 
+def _split(dataset, fraction: float, seed: int):
+    """A seeded random ``(train, val)`` split of ``dataset`` with ``fraction`` of it for validation."""
+    import torch
+    from torch.utils.data import Subset
+
+    n = len(dataset)
+    n_val = round(n * fraction)
+    if n_val < 1 or n_val >= n:
+        raise CLIError(
+            f"--val-fraction {fraction} of {n} samples leaves no training or no validation sample"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(dataset, order[n_val:]), Subset(dataset, order[:n_val])
+
+
 def _mask_values(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -522,6 +544,18 @@ def _cmd_train(opts: argparse.Namespace) -> int:
     elif val_path is None and (Path(opts.data) / "anns" / "val.json").is_file():
         val_path = opts.data
     val_set = None if val_path is None else _dataset(opts, model, val_path, **val_kw)
+    if opts.val_fraction > 0:
+        if val_set is not None:
+            raise CLIError(
+                "--val-fraction splits a dataset that has no validation set; this one has one "
+                f"({val_path})"
+            )
+        train_set, val_set = _split(train_set, opts.val_fraction, opts.seed)
+    if val_set is None:
+        print(
+            "no validation data: the best epoch is chosen by the training loss "
+            "(give --val-data or --val-fraction)"
+        )
     n_train = model.num_parameters(trainable_only=True) if hasattr(model, "num_parameters") else 0
     print(
         f"vlsegkit train: {opts.model} ({note}, {n_train / 1e6:.2f}M trainable parameters), "
@@ -534,10 +568,26 @@ def _cmd_train(opts: argparse.Namespace) -> int:
     except (ValueError, FloatingPointError) as e:
         raise _RunError(f"training failed: {e}") from e
     out = Path(opts.out)
+    model.save_pretrained(out / "last")
+    best = None
+    if opts.checkpoints:
+        from ._checkpoint import MODEL_FILE, find_checkpoint
+        from .hub import load_checkpoint_file, load_state_dict_strict
+
+        best = find_checkpoint(out / "checkpoints", "best")
+        if best is not None:  # OUT/model is the best epoch by the monitored metric
+            load_state_dict_strict(model, load_checkpoint_file(best / MODEL_FILE), source=str(best))
     model.save_pretrained(out / "model")
     _write_json(out / "history.json", dataclasses.asdict(history))
     _write_json(out / "train_config.json", _jsonable(opts))
-    print(f"saved the model to {(out / 'model').resolve()} ({history.steps} steps)")
+    which = (
+        f"best epoch {history.best_epoch + 1} by {history.monitor} = {history.best_value:.4f}"
+        if best is not None and history.best_epoch is not None
+        else "the last epoch"
+    )
+    print(f"saved the model to {(out / 'model').resolve()} ({which}; {history.steps} steps)")
+    print(f"the last epoch's model is in {(out / 'last').resolve()}")
+    print(f"training curves: {(out / 'training_curves.png').resolve()}")
     return 0
 
 
@@ -556,7 +606,7 @@ def _fit_options(opts: argparse.Namespace, val_set) -> dict[str, Any]:
         warmup_steps=opts.warmup_steps, min_lr_ratio=opts.min_lr_ratio, monitor=opts.monitor,
         checkpoint_dir=out / "checkpoints" if opts.checkpoints else None,
         checkpoint_every=opts.checkpoint_every, resume=opts.resume, log_dir=out,
-        tensorboard=opts.tensorboard,
+        tensorboard=opts.tensorboard, curves=out / "training_curves.png",
     )  # fmt: skip
     if opts.early_stopping is not None:
         metric = opts.monitor or ("dice" if val_set is not None else "train_loss")

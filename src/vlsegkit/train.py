@@ -604,8 +604,14 @@ def _save(
     if env.is_main:
         info = {"step": run.history.steps, "epoch": run.epoch, "batch": run.batch, **info}
         state = {**run.state_dict(), "rng": rng}
+        hub_config = getattr(model, "hub_config", None)
         _checkpoint.save_checkpoint(
-            root, kind, model_state=model.state_dict(), trainer_state=state, info=info
+            root,
+            kind,
+            model_state=model.state_dict(),
+            trainer_state=state,
+            info=info,
+            model_config=hub_config() if callable(hub_config) else None,
         )
     _distributed.barrier()
 
@@ -642,14 +648,18 @@ class _RunLog:
         tensorboard: bool,
         enabled: bool,
         resumed: _Run | None,
+        curves: str | os.PathLike | None = None,
     ) -> None:
         self.log_fn = log_fn if enabled else None
+        self.curves = None if curves is None or not enabled else Path(curves)
+        self.epochs: list[dict[str, Any]] = []
         self.path = Path(log_dir) / "metrics.jsonl" if log_dir is not None and enabled else None
         self.writer = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             kept = self._records_before(resumed) if resumed is not None else []
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+            self.epochs = [r for r in kept if "train_loss" in r]
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -684,6 +694,11 @@ class _RunLog:
                     self.writer.add_scalar(prefix + key, value, global_step=record["step"])
         if self.log_fn is not None:
             self.log_fn(record)
+        if "train_loss" in record and self.curves is not None:
+            from .viz import plot_training_curves
+
+            self.epochs.append(dict(record))
+            plot_training_curves(self.epochs, self.curves)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -753,6 +768,8 @@ class FitConfig:
         tensorboard: also write the records as TensorBoard scalars to ``log_dir``.
         log_fn: called (rank 0) with every step record (``step``, ``epoch``, ``loss``, the task's
             terms, ``lr``) and epoch record (``step``, ``epoch``, ``train_*``, ``val_*``).
+        curves: write a PNG of the training loss terms and validation scores per epoch here after
+            every epoch (rank 0; :func:`vlsegkit.viz.plot_training_curves`, Pillow only).
         progress: tqdm progress bars (rank 0, only when stderr is a terminal).
 
     Placement:
@@ -785,6 +802,7 @@ class FitConfig:
     log_dir: str | os.PathLike | None = None
     tensorboard: bool = False
     log_fn: Callable[[dict[str, float]], None] | None = None
+    curves: str | os.PathLike | None = None
     progress: bool = True
     device: torch.device | str | None = None
     ddp_kwargs: dict[str, Any] | None = None
@@ -991,6 +1009,7 @@ def fit(
         tensorboard=cfg.tensorboard,
         enabled=env.is_main,
         resumed=run if state is not None else None,
+        curves=cfg.curves,
     )
     if state is not None:  # last, so that nothing above consumes the restored random streams
         _checkpoint.restore_rng(state["rng"][env.rank % len(state["rng"])])

@@ -417,13 +417,16 @@ class VLSM(RecordsConfig, nn.Module):
             raise ValueError(f"save_directory {directory} exists and is not a folder")
         directory.mkdir(parents=True, exist_ok=True)
         save_safetensors(self.state_dict(), directory / SAFETENSORS_NAME)
-        config = {
+        write_json(directory / CONFIG_NAME, self.hub_config())
+        return directory
+
+    def hub_config(self) -> dict[str, Any]:
+        """What ``config.json`` holds: the config plus ``model_type`` and the format version."""
+        return {
             **self.config,
             "model_type": self.model_type,
             "vlsegkit_format_version": FORMAT_VERSION,
         }
-        write_json(directory / CONFIG_NAME, config)
-        return directory
 
     def push_to_hub(
         self,
