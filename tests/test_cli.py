@@ -7,9 +7,11 @@ in-process with the library API (vlsegkit.train.evaluate, VLSM.predict, vlsegkit
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -451,6 +453,18 @@ def test_the_cli_reference_page_lists_every_option():
                 if flag.startswith("--") and flag != "--help":
                     base = flag[2:].removeprefix("no-")
                     assert f"--{base}" in text or f"--[no-]{base}" in text, (name, flag)
+
+
+def test_every_option_has_a_description():
+    """``--help`` explains every argument in words, not just its default."""
+    commands = next(a for a in cli.build_parser()._actions if a.dest == "_command")
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if action.help == argparse.SUPPRESS or "--help" in action.option_strings:
+                continue
+            words = re.sub(r"\(default[^)]*\)", "", action.help or "")
+            assert len(re.findall(r"[a-zA-Z]{2,}", words)) >= 2, (name, action.dest, action.help)
+    assert all(c.help for c in commands._choices_actions)
 
 
 def test_train_val_fraction_and_the_fallback_notice(tmp_path):

@@ -113,6 +113,38 @@ def test_transformers_spec_is_canonical_and_builds_clipseg_towers():
     assert names == set(towers.upstream_keys) & names  # every upstream weight has a tower key
 
 
+_BERT = {"kind": "open_clip", "embed_dim": 16, "vision_cfg": VISION,
+         "bert_config": {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 1,
+                         "num_attention_heads": 2, "intermediate_size": 64,
+                         "max_position_embeddings": 24}}  # fmt: skip
+_HF = {"kind": "transformers_clip", "projection_dim": 16,
+       "text_config": {"vocab_size": 300, "hidden_size": 24, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "intermediate_size": 48,
+                       "max_position_embeddings": 20},
+       "vision_config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                         "intermediate_size": 64, "image_size": 32, "patch_size": 8}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("spec", "vocab"),
+    [({"kind": "open_clip", "embed_dim": 16, "vision_cfg": VISION, "text_cfg": TEXT}, 500),
+     (_BERT, 100), (_HF, 300)],
+    ids=["open_clip", "bert", "transformers"],
+)  # fmt: skip
+def test_token_ids_outside_the_vocabulary_name_input_ids(spec, vocab):
+    text = create_towers(spec).text
+    ids = torch.ones(2, 6, dtype=torch.long)
+    text.embed(ids)  # in range: fine
+    ids[1, 3] = vocab  # one past the table
+    with pytest.raises(ValueError, match=rf"input_ids must lie in \[0, {vocab}\).*\[1, {vocab}\]"):
+        text.embed(ids)
+    ids[1, 3] = -1
+    with pytest.raises(ValueError, match="input_ids must lie in"):
+        text.embed(ids)
+    with pytest.raises(ValueError, match="input_ids must be an integer tensor"):
+        text.embed(ids.float())
+
+
 @pytest.mark.parametrize(
     ("spec", "match"),
     [

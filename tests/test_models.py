@@ -199,3 +199,14 @@ def test_every_hook_attaches_trains_and_changes_only_its_weights(name, hook_name
     assert all(torch.equal(before[k], after[k]) for k in before)  # the base did not move
     changed = [k for k, v in tuned.state_dict().items() if not torch.equal(own[k], v)]
     assert changed  # the hook's own weights did
+
+
+def test_predict_progress_bar_counts_images(capsys):
+    model = _model("clipseg-tiny")
+    images = [torch.rand(3, 20 + 4 * i, 24) for i in range(5)]
+    out = model.predict(images, "lesion", batch_size=2)
+    assert capsys.readouterr().err == ""  # off by default: library calls stay quiet
+    again = model.predict(images, "lesion", batch_size=2, progress=True)
+    assert "5/5" in capsys.readouterr().err
+    assert all(torch.equal(a, b) for a, b in zip(out, again))
+    assert [p.shape[-2:] for p in out] == [im.shape[-2:] for im in images]

@@ -193,6 +193,7 @@ _PREDICT_OPTS = (
     _Opt("uncertainty", bool, True, "uncertainty maps for models with predict_with_uncertainty"),
     _Opt("cmap", str, "nipy_spectral", "colour map of the uncertainty maps", COLORMAPS),
     _Opt("seed", int, 0, "random seed (Monte Carlo sampling)"),
+    _Opt("progress", bool, None, "a progress bar over the images (default: on a terminal)"),
 )
 _POSITIVE = {
     "epochs": 0, "batch_size": 1, "grad_accum_steps": 1, "train_size": 1, "val_size": 0,
@@ -744,16 +745,20 @@ def _predict_maps(model, images: list, prompts: list[str], opts: argparse.Namesp
     if opts.samples is not None and (not stochastic or not opts.uncertainty):
         why = "it is not probabilistic" if not stochastic else "--no-uncertainty was given"
         raise CLIError(f"--samples: {opts.model} draws no Monte Carlo samples ({why})")
+    progress = _progress(opts)
     if not stochastic or not opts.uncertainty:
-        return [
-            (_chw(model.predict(im, prompts), "probabilities", len(prompts)), None) for im in images
-        ]
+        probs = model.predict(images, prompts, progress=progress)
+        return [(_chw(p, "probabilities", len(prompts)), None) for p in probs]
+    from tqdm.auto import tqdm
+
     kwargs: dict[str, Any] = {"seed": opts.seed}
     if opts.samples is not None:
         kwargs["samples"] = opts.samples
+    # one image per call keeps each image's noise fixed by --seed whatever the other images are
+    bar = tqdm(images, unit="image", disable=None if progress is None else not progress)
     return [
         _uncertainty_maps(model.predict_with_uncertainty(im, prompts, **kwargs), len(prompts))
-        for im in images
+        for im in bar
     ]
 
 
@@ -879,9 +884,15 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="train clipseg-tiny on synthetic lesions, write an overlay sheet and curves"
     )
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    for name, default in (("epochs", 14), ("image-size", 128), ("seed", 0), ("train-size", 512),
-                          ("val-size", 64), ("batch-size", 16)):  # fmt: skip
-        p.add_argument(f"--{name}", type=int, default=default, help=f"(default: {default})")
+    for name, default, what in (
+        ("epochs", 14, "passes over the training images"),
+        ("image-size", 128, "side of the square synthetic images, a multiple of 8"),
+        ("seed", 0, "seed of the images, the initialisation and the batch order"),
+        ("train-size", 512, "number of synthetic training images"),
+        ("val-size", 64, "number of synthetic validation images (metrics and the sheet)"),
+        ("batch-size", 16, "images per optimisation step"),
+    ):
+        p.add_argument(f"--{name}", type=int, default=default, help=f"{what} (default: {default})")
     p.add_argument("--progress", action="store_true", help="per-step progress bars")
     p.add_argument(
         "--uncertainty",

@@ -87,6 +87,8 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text: {e}") from e
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object, found {type(data).__name__}")
     return data
@@ -201,6 +203,36 @@ def check_state_dict(
             )
 
 
+def _looks_like_a_path(text: str) -> bool:
+    """A string meant as a local path rather than a Hub repo id (``org/name`` or ``name``)."""
+    return (
+        text.startswith((".", "/", "~"))
+        or "\\" in text
+        or text.count("/") > 1
+        or Path(text).is_absolute()
+        or Path(text).suffix in (".json", ".safetensors", ".bin", ".pth", ".pt")
+    )
+
+
+def _hub_unreachable_reason(timeout: float = 3.0) -> str | None:
+    """Why the Hub endpoint cannot be reached right now (DNS / TCP, a few seconds at most)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = (
+        url.hostname or "huggingface.co",
+        url.port or (443 if url.scheme == "https" else 80),
+    )
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as e:
+        return f"{host}:{port} is unreachable ({e})"
+
+
 def resolve_file(
     id_or_path: str | os.PathLike,
     filename: str,
@@ -213,40 +245,87 @@ def resolve_file(
 ) -> Path | None:
     """Path of ``filename`` inside a local folder or a Hub repository (downloaded or cached).
 
+    A string that names no folder is tried as a Hub repo id: from the Hub cache first, then -- unless
+    ``local_files_only`` or ``HF_HUB_OFFLINE=1`` -- from the Hub, failing within seconds (not after
+    retries) when the Hub cannot be reached.
+
     Args:
         id_or_path: a local directory or a Hub repo id such as ``"CIDAS/clipseg-rd64-refined"``.
         filename: file inside the folder / repository.
         revision, cache_dir, local_files_only, token: as in ``huggingface_hub.hf_hub_download``.
         required: raise when the file does not exist; otherwise return None.
+
+    Raises:
+        CheckpointError: ``id_or_path`` is a file, names no folder and is no Hub repo id, the repo
+            is not cached while offline, or the Hub is unreachable; or ``filename`` is missing.
     """
-    local = Path(id_or_path)
+    local = Path(id_or_path).expanduser()
     if local.is_dir():
         path = local / filename
         if path.is_file():
             return path
         if required:
-            raise FileNotFoundError(f"{filename} not found in {local}")
+            raise CheckpointError(f"{filename} not found in the folder {local}")
         return None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    try:
-        return Path(
-            hf_hub_download(
-                str(id_or_path),
-                filename,
-                revision=revision,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-                token=token,
-            )
+    text = str(id_or_path)
+    if local.is_file():
+        raise CheckpointError(
+            f"{text} is a file; give the folder that holds {filename} (written by save_pretrained)"
         )
+    if _looks_like_a_path(text):
+        raise CheckpointError(
+            f"no such folder: {text} (resolved to {local.resolve()}); a Hub repo id looks like "
+            "'org/name'"
+        )
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    kw = dict(revision=revision, cache_dir=cache_dir, token=token)
+    try:
+        return Path(hf_hub_download(text, filename, local_files_only=True, **kw))
+    except HFValidationError as e:
+        raise CheckpointError(
+            f"{text} is neither a local folder nor a valid Hub repo id ('org/name'): {e}"
+        ) from None
+    except (LocalEntryNotFoundError, EntryNotFoundError):
+        pass  # not cached: the Hub may have it
+    offline = local_files_only or constants.HF_HUB_OFFLINE
+    if offline:
+        if not required:
+            return None
+        raise CheckpointError(
+            f"{filename} of {text} is not in the Hub cache and downloads are off "
+            f"({'local_files_only=True' if local_files_only else 'HF_HUB_OFFLINE=1'}); "
+            f"no local folder {local.resolve()} exists either. Download it once with network "
+            "access, point cache_dir= at a warm cache, or give a local folder"
+        )
+    reason = _hub_unreachable_reason()
+    if reason is not None:
+        if not required:
+            return None
+        raise CheckpointError(
+            f"cannot fetch {filename} of {text}: the Hub ({reason}); no local folder "
+            f"{local.resolve()} exists and the Hub cache has no copy. Give a local folder, or set "
+            "HF_HUB_OFFLINE=1 with a warm cache"
+        )
+    try:
+        return Path(hf_hub_download(text, filename, **kw))
     except EntryNotFoundError:
         if required:
-            raise
+            raise CheckpointError(f"{filename} not found in the Hub repo {text}") from None
         return None
-    except LocalEntryNotFoundError:
-        # Offline: the repo may be cached without this optional file.
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise CheckpointError(
+            f"no Hub repo {text} (revision {revision or 'main'}), and no local folder of that "
+            f"name: {e}"
+        ) from None
+    except LocalEntryNotFoundError as e:
         if required:
-            raise
+            raise CheckpointError(f"cannot fetch {filename} of {text} from the Hub: {e}") from None
         return None

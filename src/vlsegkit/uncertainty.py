@@ -180,6 +180,7 @@ def monte_carlo_predict(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     sample: bool | None = None,
+    progress: bool | None = False,
 ) -> UncertaintyOutput:
     """Monte Carlo segmentation with uncertainty maps for a :class:`SupportsMonteCarlo` model.
 
@@ -201,6 +202,7 @@ def monte_carlo_predict(
             draw the next ``samples`` seeds of the same stream.
         generator: base stream instead of ``seed``.
         sample: sample the values; False runs one deterministic pass (epistemic = 0).
+        progress: a progress bar over the images (None: only when stderr is a terminal).
 
     Returns:
         :class:`UncertaintyOutput` (maps ``(C, H, W)``, or lists for a list of images). The model's
@@ -222,7 +224,7 @@ def monte_carlo_predict(
     # inference mode skips autograd bookkeeping on every op; the maps are finalised outside it, so
     # callers get ordinary tensors they may modify in place
     with eval_mode(model), torch.inference_mode():
-        for start, pixels, sizes in model.image_chunks(items, batch_size):
+        for start, pixels, sizes in model.image_chunks(items, batch_size, progress=progress):
             b = len(sizes)
             prefix = model.encode_prefix(pixels, per_image[start : start + b])
             c = prefix.index.shape[1]

@@ -40,14 +40,26 @@ def _check_tokens(name: str, extra: Tensor, batch: int, width: int) -> Tensor:
     return extra
 
 
-def _check_ids(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor | None:
-    """Validate ``(B, L)`` integer ids and an optional ``(B, L)`` mask; returns the mask as bool."""
+def _check_ids(
+    input_ids: Tensor, attention_mask: Tensor | None, vocab_size: int | None = None
+) -> Tensor | None:
+    """Validate ``(B, L)`` integer ids in ``[0, vocab_size)`` and an optional ``(B, L)`` mask;
+    returns the mask as bool."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(
             f"input_ids must have shape (B, L) with L >= 1, got {tuple(input_ids.shape)}"
         )
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+    # the embedding lookup would fail with a bare IndexError on CPU and a device assert on GPU; the
+    # check is data-dependent, so compiled graphs skip it
+    if vocab_size is not None and input_ids.numel() and not torch.compiler.is_compiling():
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"input_ids must lie in [0, {vocab_size}) (the tower's vocabulary), got values in "
+                f"[{low}, {high}]; were they made by another model's tokenizer?"
+            )
     if attention_mask is None:
         return None
     if attention_mask.shape != input_ids.shape:

@@ -298,8 +298,8 @@ class HFCLIPTextTower(Tower):
             ``TokenState`` with tokens ``(B, L + n, D)``, ``num_prefix=1``, ``num_prompts=n``,
             ``causal=True`` and ``pool_index`` at EOS.
         """
-        attention_mask = _check_ids(input_ids, attention_mask)
         emb = self.text_model.embeddings
+        attention_mask = _check_ids(input_ids, attention_mask, emb.token_embedding.num_embeddings)
         state = TokenState(
             tokens=emb.token_embedding(input_ids),
             attention_mask=attention_mask,

@@ -374,11 +374,11 @@ class OpenCLIPTextTower(Tower):
         Returns:
             ``TokenState`` with tokens ``(B, L + n, D)``, ``num_prefix=1``, ``num_prompts=n``.
         """
-        mask = _check_ids(input_ids, attention_mask)
+        t = self.text
+        mask = _check_ids(input_ids, attention_mask, t.token_embedding.num_embeddings)
         b = input_ids.shape[0]
         if context is not None:
             _check_tokens("context", context, b, self.width)
-        t = self.text
         if mask is None and getattr(t, "use_pad_mask", False):
             mask = input_ids != t.pad_id
         cast = self._cast_dtype()
@@ -667,7 +667,8 @@ class HFBertTextTower(Tower):
             ``TokenState`` with tokens ``(B, L + n, D)``, ``num_prefix=1``, ``num_prompts=n``,
             ``pool_index`` zeros (CLS), ``causal=False``.
         """
-        mask = _check_ids(input_ids, attention_mask)
+        emb = self.text.transformer.embeddings
+        mask = _check_ids(input_ids, attention_mask, emb.word_embeddings.num_embeddings)
         b = input_ids.shape[0]
         if context is not None:
             _check_tokens("context", context, b, self.width)
@@ -677,7 +678,6 @@ class HFBertTextTower(Tower):
                 if self.pad_token_id is None
                 else input_ids != self.pad_token_id
             )
-        emb = self.text.transformer.embeddings
         words = emb.word_embeddings(input_ids)
         state = TokenState(
             tokens=words, attention_mask=mask, pool_index=_zeros_index(words), num_prefix=1

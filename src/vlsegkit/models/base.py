@@ -218,6 +218,40 @@ def eval_mode(model: nn.Module):
         model.train(was_training)
 
 
+def preprocessing_args(
+    image_size: Any, image_mean: Any, image_std: Any
+) -> tuple[tuple[int, int], tuple[float, ...], tuple[float, ...]]:
+    """Validated ``(image_size (H, W), mean, std)`` of a model's ``predict`` preprocessing.
+
+    Raises:
+        ValueError: a size that is not one or two positive ints; a mean / std that is not three
+            finite numbers, or a std that is not positive.
+    """
+    import math
+
+    size = (image_size, image_size) if isinstance(image_size, int) else image_size
+    if (
+        not isinstance(size, Sequence)
+        or len(size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+    ):
+        raise ValueError(f"image_size must be a positive int or (H, W) of them, got {image_size!r}")
+    stats = {}
+    for name, values in (("image_mean", image_mean), ("image_std", image_std)):
+        ok = isinstance(values, Sequence) and len(values) == 3
+        ok = ok and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in values
+        )
+        if not ok or (name == "image_std" and min(values) <= 0):
+            need = (
+                "three positive finite numbers" if name == "image_std" else "three finite numbers"
+            )
+            raise ValueError(f"{name} must be {need}, got {values!r}")
+        stats[name] = tuple(float(v) for v in values)
+    return (int(size[0]), int(size[1])), stats["image_mean"], stats["image_std"]
+
+
 class VLSM(RecordsConfig, nn.Module):
     """Base class of vision-language segmentation models.
 
@@ -267,7 +301,7 @@ class VLSM(RecordsConfig, nn.Module):
             )
         try:
             return target(**config)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise CheckpointError(f"config.json does not fit {target.__name__}: {e}") from e
 
     # -------------------------------------------------------------- hooks
@@ -363,15 +397,28 @@ class VLSM(RecordsConfig, nn.Module):
         return self.normalize(batch), sizes
 
     def image_chunks(
-        self, images: ImageInput | Sequence[ImageInput], batch_size: int
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        batch_size: int,
+        *,
+        progress: bool | None = False,
     ) -> Iterator[tuple[int, Tensor, list[tuple[int, int]]]]:
-        """``(start, pixel_values, original sizes)`` for consecutive chunks of ``batch_size`` images."""
+        """``(start, pixel_values, original sizes)`` for consecutive chunks of ``batch_size`` images.
+
+        Args:
+            progress: a tqdm bar over the images; None shows it only when stderr is a terminal.
+        """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         _, items = _as_image_list(images)
-        for start in range(0, len(items), batch_size):
-            pixels, sizes = self.preprocess(items[start : start + batch_size])
-            yield start, pixels, sizes
+        from tqdm.auto import tqdm
+
+        disable = None if progress is None else not progress
+        with tqdm(total=len(items), unit="image", disable=disable, leave=False) as bar:
+            for start in range(0, len(items), batch_size):
+                pixels, sizes = self.preprocess(items[start : start + batch_size])
+                yield start, pixels, sizes
+                bar.update(len(sizes))
 
     def _predict_probs(self, pixel_values: Tensor, prompts: list[list[str]]) -> Tensor:
         """``(B, C, H, W)`` probabilities at the model's resolution for per-image prompt lists."""
@@ -384,6 +431,7 @@ class VLSM(RecordsConfig, nn.Module):
         prompts: str | Sequence[str] | Sequence[Sequence[str]],
         *,
         batch_size: int = 8,
+        progress: bool | None = False,
     ) -> Tensor | list[Tensor]:
         """Probabilities for every prompt, at each image's original size.
 
@@ -393,6 +441,7 @@ class VLSM(RecordsConfig, nn.Module):
             prompts: one prompt, or a list of C prompts applied to **every** image, or one list of C
                 prompts per image (:func:`prompts_per_image`; the same rule for every model).
             batch_size: images per forward pass.
+            progress: a progress bar over the images (None: only when stderr is a terminal).
 
         Returns:
             ``(C, H, W)`` probabilities for a single image, or a list of them for a list of images.
@@ -402,7 +451,7 @@ class VLSM(RecordsConfig, nn.Module):
         per_image = prompts_per_image(prompts, len(items))
         out: list[Tensor] = []
         with eval_mode(self):
-            for start, pixels, sizes in self.image_chunks(items, batch_size):
+            for start, pixels, sizes in self.image_chunks(items, batch_size, progress=progress):
                 probs = self._predict_probs(pixels, per_image[start : start + len(sizes)])
                 for p, size in zip(probs, sizes):
                     up = F.interpolate(p[None], size=size, mode="bilinear", align_corners=False)

@@ -36,6 +36,7 @@ from .base import (
     check_token_rows,
     pair_rows,
     parse_text_prompts,
+    preprocessing_args,
 )
 from .outputs import CLIPSegOutput
 
@@ -135,10 +136,9 @@ class CLIPSeg(VLSM):
             complex_upsampler=complex_upsampler,
             eps=spec.layer_norm_eps,
         )
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        self.image_size = (int(size[0]), int(size[1]))
-        self.image_mean = tuple(float(x) for x in image_mean)
-        self.image_std = tuple(float(x) for x in image_std)
+        self.image_size, self.image_mean, self.image_std = preprocessing_args(
+            image_size, image_mean, image_std
+        )
         self.tokenizer = towers.make_tokenizer(self.text_tower.max_positions)
         #: Width of the decoder features ``forward(output_decoder_features=True)`` returns.
         self.decoder_feature_dim = reduce_dim

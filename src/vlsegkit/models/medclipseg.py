@@ -54,6 +54,7 @@ from .base import (
     check_token_rows,
     pair_rows,
     parse_text_prompts,
+    preprocessing_args,
 )
 from .medclipseg_released import (
     RELEASED_KEY_MAP,
@@ -252,10 +253,9 @@ class MedCLIPSeg(VLSM):
         self.context_length = int(context_length)
         self.tokenizer_name = tokenizer
         self._tokenizer: PromptTokenizer | None = None
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        self.image_size = (int(size[0]), int(size[1]))
-        self.image_mean = tuple(float(x) for x in image_mean)
-        self.image_std = tuple(float(x) for x in image_std)
+        self.image_size, self.image_mean, self.image_std = preprocessing_args(
+            image_size, image_mean, image_std
+        )
         self.channel_order: str = channel_order
         #: Recompute frozen tower blocks in backward instead of storing their activations.
         self.gradient_checkpointing = False
@@ -560,6 +560,7 @@ class MedCLIPSeg(VLSM):
         seed: int | None = None,
         generator: torch.Generator | None = None,
         sample: bool | None = None,
+        progress: bool | None = False,
     ) -> UncertaintyOutput:
         """Monte Carlo segmentation with uncertainty maps (section 3.2; 30 samples in the paper).
 
@@ -578,6 +579,7 @@ class MedCLIPSeg(VLSM):
             seed=seed,
             generator=generator,
             sample=sample,
+            progress=progress,
         )
 
     @torch.no_grad()

@@ -101,7 +101,13 @@ def _resolve_base(reference: dict[str, Any], **hub_kwargs: Any) -> VLSM:
             "this tuned model does not record where its base model comes from (the base was not "
             "loaded with VLSM.from_pretrained); pass base= explicitly"
         )
-    return VLSM.from_pretrained(path, revision=reference.get("revision"), **hub_kwargs)
+    try:
+        return VLSM.from_pretrained(path, revision=reference.get("revision"), **hub_kwargs)
+    except CheckpointError as e:
+        raise CheckpointError(
+            f"cannot load this tuned model's base {path!r}: {e}. If the base moved or you are "
+            "offline, load it yourself and pass base= (its fingerprint is checked)"
+        ) from e
 
 
 class TunedModel(VLSM):
