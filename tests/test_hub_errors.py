@@ -131,7 +131,7 @@ def test_newer_format_version(copy):
         ("image_std", [float("nan"), 0.2, 0.2], "image_std must be three positive"),
         ("image_mean", [0.5, 0.5], "image_mean must be three finite"),
         ("image_size", 0, "image_size must be a positive int"),
-        ("image_size", [224, "x"], "image_size must be a positive int"),
+        ("image_size", [224, "x"], "field .image_size. must be int"),
     ],
 )
 def test_bad_preprocessing_in_config(copy, key, value, words):

@@ -376,12 +376,12 @@ def _load_model(opts: argparse.Namespace, *, image_size: int | None = None):
         if name.startswith((".", "/", "~")):
             raise CLIError(f"MODEL: no such folder {name!r}")
         if "/" not in name:
-            try:
-                model_entry(name)
-            except KeyError as e:
-                raise CLIError(
-                    f"MODEL: {e.args[0]}; it is not a folder or an 'org/name' Hub id either"
-                ) from e
+            from .registry import _unknown
+
+            raise CLIError(
+                f"MODEL: {_unknown('model', name, list_models()).args[0]}; it is not a folder or an "
+                "'org/name' Hub id either ('vlsegkit models' lists the names)"
+            )
     try:
         if local.is_dir():
             model, note = VLSM.from_pretrained(local), f"loaded from {local}"

@@ -729,8 +729,8 @@ class FitConfig:
 
     Optimisation:
         epochs: passes over the training data (``>= 0``).
-        lr: AdamW learning rate (ignored when ``optimizer`` is given).
-        weight_decay: AdamW weight decay.
+        lr: AdamW learning rate, finite and ``> 0`` (ignored when ``optimizer`` is given).
+        weight_decay: AdamW weight decay, finite and ``>= 0``.
         optimizer: a ready optimiser; default AdamW over ``model.trainable_parameters()``.
         scheduler: ``"cosine"`` (per optimiser step: linear warmup over ``warmup_steps``, then cosine
             decay to ``min_lr_ratio·lr`` at the last step), ``"plateau"`` (``ReduceLROnPlateau``,

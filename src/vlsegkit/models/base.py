@@ -60,7 +60,8 @@ def parse_text_prompts(prompts: Any, batch: int) -> tuple[list[str], Tensor]:
     - a list of T != B strings: every image with every prompt (C = T);
     - a list of B lists of C strings: per-image prompt sets.
 
-    Identical strings are kept once (each distinct prompt is encoded once).
+    Identical strings are kept once (each distinct prompt is encoded once). An empty string is a
+    valid prompt: medvlsm's ``p0`` ablation trains and evaluates with empty prompts.
 
     Raises:
         ValueError: an empty list, non-strings, or nested lists that do not match the batch.
@@ -299,7 +300,10 @@ class VLSM(RecordsConfig, nn.Module):
                 f"config.json is for {target.__name__} (model_type {model_type!r}), not "
                 f"{cls.__name__}; load it with vlsegkit.VLSM.from_pretrained"
             )
+        from .._config import check_config_types
+
         try:
+            check_config_types(target, config, where="config.json")
             return target(**config)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"config.json does not fit {target.__name__}: {e}") from e
