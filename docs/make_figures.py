@@ -1,6 +1,6 @@
 """Regenerate the pictures in ``docs/images/`` from synthetic data, so that they stay true.
 
-Everything runs offline on a CPU in well under a minute:
+Everything runs offline on a CPU in a minute or two:
 
 1. ``clipseg-tiny`` (random weights, 64 px) is trained for a few epochs with ``vlsegkit.train.fit`` on
    ``SyntheticLesions``; ``fit`` writes ``metrics.jsonl`` and ``plot_training_curves`` draws it

@@ -503,6 +503,17 @@ def test_bad_inputs_raise_clear_errors(model):
         create_model("cotexnet-tiny", slot_mode="index5")
 
 
+def test_training_terms_are_float32_and_finite_under_bf16_autocast(model):
+    batch = _batch(model, b=2)
+    task = model.default_task()
+    ref = task.training_step(model, batch)  # eval mode: dropout off, comparable
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = task.training_step(model, batch)
+    assert all(v.dtype == torch.float32 for v in ref.values())
+    assert all(torch.isfinite(v) for v in low.values())
+    assert abs(float(low["loss"]) - float(ref["loss"])) < 0.05 * float(ref["loss"])
+
+
 def test_seeded_builds_are_identical():
     outs = []
     for _ in range(2):

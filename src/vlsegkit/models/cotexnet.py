@@ -129,8 +129,10 @@ class CoTexNet(VLSM):
     Args:
         backbone: CLIP tower architecture (a :class:`~vlsegkit.encoders.TransformersCLIPSpec` dict,
             as :class:`~vlsegkit.CLIPSeg` takes it).
-        extract_layers, reduce_dim, decoder_num_heads, decoder_mlp_dim, conditional_layer,
-            complex_upsampler: the CLIPSeg decoder (rd64-refined: (3, 6, 9), 64, 4, 2048, 0, True).
+        extract_layers, reduce_dim, decoder_num_heads: the CLIPSeg decoder's kept vision blocks,
+            width and heads (rd64-refined: (3, 6, 9), 64, 4).
+        decoder_mlp_dim, conditional_layer, complex_upsampler: its MLP width, FiLM level and
+            refined upsampler (2048, 0, True).
         image_size: ``(H, W)`` or one int that ``predict`` resizes to (224 in the paper's code).
         image_mean, image_std: normalisation (ImageNet statistics, as the release).
         num_classes: foreground classes K; 1 gives a one-channel sigmoid head, K > 1 a ``K + 1``
