@@ -360,6 +360,55 @@ def test_released_slot_mode_overwrites_index_5_of_the_raw_prompt(model):
     assert torch.equal(slots.token_ids, ids[:, 5])  # whatever word sits there
 
 
+def test_released_options_restate_the_index_5_overwrite_end_to_end():
+    """The release: ROI = normalised image with 0 outside the mask; [CLS] -> mapping; the text's
+    token + position embedding at index 5 replaced by it; T_c = sigmoid(sigmoid(MLP(C)))."""
+    from vlsegkit.encoders import TokenState, run_towers
+
+    torch.manual_seed(0)
+    m = create_model("cotexnet-tiny", **vlsegkit.models.cotexnet.RELEASED_OPTIONS).eval()
+    batch = _batch(m, b=2, seed=5)
+    out = m(batch["image"], batch["prompt"], masks=batch["mask"], condition="image")
+    vm = m.vision_tower.vision_model
+    cls = vm(pixel_values=batch["image"] * batch["mask"]).last_hidden_state[:, 0]
+    tok = m.tokenizer(batch["prompt"], padding="max_length")
+    emb = m.text_tower.text_model.embeddings
+    hidden = (
+        emb.token_embedding(tok.input_ids) + emb.position_embedding.weight[: tok.input_ids.shape[1]]
+    )
+    hidden[:, 5, :] = m.roi_tokens.mapping(cls)
+    state = TokenState(tokens=hidden, attention_mask=tok.attention_mask.bool(),
+                       pool_index=tok.input_ids.argmax(-1), causal=True)  # fmt: skip
+    final = run_towers({"text": m.text_tower}, {"text": state}).states["text"]
+    ref = torch.sigmoid(m.text_tower.pool(final))
+    assert (out.text_embedding - ref).abs().max() < 1e-5
+    c = vm(pixel_values=batch["image"]).last_hidden_state[:, 0]
+    mlp = m.cls_predictor.mlp
+    h = torch.relu(mlp.layers[1][0](torch.relu(mlp.layers[0][0](c))))
+    assert (
+        out.predicted_embedding - torch.sigmoid(torch.sigmoid(mlp.fc_out(h)))
+    ).abs().max() < 1e-6
+    m.train()
+    terms = COTEXNET_RECIPES["released"].task().training_step(m, batch)
+    terms["loss"].backward()
+    assert m.sankd.alpha.grad is not None and torch.isfinite(terms["loss"])
+
+
+def test_multiclass_conceptual_prompt_joins_the_classes_present():
+    from vlsegkit.data import multiclass_conceptual_prompt
+
+    h = w = 60
+    image = torch.full((3, h, w), 0.5)
+    masks = torch.zeros(3, h, w)
+    masks[0] = torch.from_numpy(_disk(h, w, 10, 10, 6))
+    masks[2] = torch.from_numpy(_disk(h, w, 45, 45, 8))  # class 2 is absent
+    text = multiclass_conceptual_prompt(image, masks, ["ventricle", "myocardium", "atrium"])
+    sentences = text.split(". ")
+    assert len(sentences) == 2 and "ventricle area" in sentences[0] and "atrium area" in text
+    assert "top left" in sentences[0] and "bottom right" in sentences[1]
+    assert "myocardium" not in text
+
+
 # --------------------------------------------------------------------------- the model
 def test_text_free_path_matches_clipseg_conditioned_on_the_predicted_embedding(model):
     x = _batch(model, b=2)["image"]
