@@ -14,9 +14,12 @@ def test_make_figures_writes_every_picture(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("make_figures", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    paths = module.main(["--out", str(tmp_path), "--epochs", "1", "--steps", "1"])
+    paths = module.main(
+        ["--out", str(tmp_path), "--epochs", "1", "--steps", "1", "--cotexnet-epochs", "1"]
+    )
     names = {p.name for p in paths}
     assert {"training_curves.png", "overlay_sheet.png", "uncertainty_sheet.png"} <= names
+    assert {"cotexnet_training_curves.png", "cotexnet_text_vs_textfree.png"} <= names
     for path in paths:
         with Image.open(path) as img:
             assert img.format == "PNG" and min(img.size) >= 192

@@ -39,6 +39,19 @@ def test_compose_example(capsys):
     assert "softcon_loss" in capsys.readouterr().out  # MedCLIPSeg trained with its paper task
 
 
-@pytest.mark.parametrize("name", ["step_towers", "finetune_clipseg", "compose"])
+def test_cotexnet_example(tmp_path, capsys):
+    result = _load("cotexnet_text_free").main(
+        ["--epochs", "1", "--train-size", "8", "--val-size", "4", "--out", str(tmp_path)]
+    )
+    assert result["history"].epochs == 1 and result["picture"].is_file()
+    assert set(result["history"].train_terms[0]) == {"loss", "dice_loss", "ce_loss", "kl_loss"}
+    assert 0.0 <= result["after"]["dice"] <= 1.0
+    out = capsys.readouterr().out
+    assert "lesion area, located in the" in out and "text-free dice" in out
+
+
+@pytest.mark.parametrize(
+    "name", ["step_towers", "finetune_clipseg", "compose", "cotexnet_text_free"]
+)
 def test_examples_have_docstrings(name):
     assert _load(name).__doc__.strip()

@@ -5,6 +5,11 @@ trainable parameters, bit-identical save / load, freezing, bf16 autocast, gradie
 ``predict`` at the original size, and every hook family (prompt learners, adapters) attaching,
 training one step through ``fit`` and changing only its own weights. Family files keep the parity
 tests against the upstream references.
+
+Text-free models (:class:`~vlsegkit.models.capabilities.SupportsTextFree`, e.g. CoTexNet) take no
+prompt at inference: for them the prompt-pairing checks become "one row per image, independent of the
+batch", training-mode calls give one prompt per image plus the masks text conditioning needs, and
+``predict`` takes images only.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 import vlsegkit
 from vlsegkit import TunedModel, create_model, list_hooks, list_models
 from vlsegkit.data import SyntheticLesions, collate_prompts
-from vlsegkit.models.capabilities import SupportsHooks, SupportsUncertainty
+from vlsegkit.models.capabilities import SupportsHooks, SupportsTextFree, SupportsUncertainty
 from vlsegkit.registry import hook_class
 from vlsegkit.train import fit
 
@@ -40,14 +45,31 @@ def _pixels(model, b: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
+def _masks(model, pixels) -> torch.Tensor:
+    """Random class masks (B, K, H, W) for text-free models' training-time text conditioning."""
+    g = torch.Generator().manual_seed(1)
+    b, _, h, w = pixels.shape
+    return (torch.rand(b, model.num_classes, h, w, generator=g) > 0.7).float()
+
+
 def _logits(model, pixels, prompts, seed: int = 0) -> torch.Tensor:
     torch.manual_seed(seed)  # stochastic models draw their noise from the global RNG here
+    if isinstance(model, SupportsTextFree):
+        if not model.training:
+            return model(pixels).logits
+        # text conditions training only: one real-text prompt per image, with the ROI masks
+        b = pixels.shape[0]
+        texts = [prompts] * b if isinstance(prompts, str) else (list(prompts) * b)[:b]
+        return model(pixels, texts, masks=_masks(model, pixels)).logits
     return model(pixels, prompts).logits
 
 
 @pytest.mark.parametrize("name", TINY)
 def test_forward_shapes_and_pairing(name):
     model = _model(name).eval()
+    if isinstance(model, SupportsTextFree):
+        _check_text_free_forward(model)
+        return
     x = _pixels(model)
     h, w = model.image_size
     with torch.no_grad():
@@ -60,6 +82,19 @@ def test_forward_shapes_and_pairing(name):
         alone = _logits(model, x[1:], [PROMPTS[1:]])
     if not isinstance(model, SupportsUncertainty):
         assert (nested[1:] - alone).abs().max() < 1e-5
+
+
+def _check_text_free_forward(model):
+    x = _pixels(model, b=3)
+    h, w = model.image_size
+    with torch.no_grad():
+        out = model(x).logits
+        assert out.shape == (3, model.num_outputs, h, w)
+        assert (model(x[1:]).logits - out[1:]).abs().max() < 1e-5  # rows are independent
+        # text and masks do not change the text-free prediction
+        texts = [PROMPTS[0]] * 3
+        with_text = model(x, texts, masks=_masks(model, x), condition="image").logits
+    assert (with_text - out).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -148,6 +183,14 @@ def test_gradient_checkpointing_gives_the_same_outputs_and_gradients(name):
 def test_predict_returns_probabilities_at_the_original_size(name):
     model = _model(name).train()
     images = [torch.rand(3, 37, 50), torch.rand(3, 64, 29)]
+    if isinstance(model, SupportsTextFree):
+        probs = model.predict(images)
+        c = model.num_outputs
+        assert [tuple(p.shape) for p in probs] == [(c, 37, 50), (c, 64, 29)]
+        assert all(((p >= 0) & (p <= 1)).all() for p in probs) and model.training
+        with pytest.raises(ValueError, match="image alone"):
+            model.predict(images, PROMPTS[:2])
+        return
     probs = model.predict(images, PROMPTS[:2])
     assert [tuple(p.shape) for p in probs] == [(2, 37, 50), (2, 64, 29)]
     assert all(((p >= 0) & (p <= 1)).all() for p in probs)
@@ -164,7 +207,8 @@ def _hook(name: str):
         "PVLAdapters", "BottleneckAdapters") else hook_class(name)(**kwargs)  # fmt: skip
 
 
-HOOKS = [*list_hooks(), "BottleneckAdapters-dense"]
+# Hooks fed by their own model (CoTexNet's ROI tokens) are part of it, not attachable to others.
+HOOKS = [h for h in list_hooks() if not hook_class(h).model_inputs] + ["BottleneckAdapters-dense"]
 
 
 def test_every_hook_family_is_covered():

@@ -32,6 +32,14 @@ _EXPORTS = {
     "VLSM": "vlsegkit.models",
     "CLIPSeg": "vlsegkit.models",
     "MedCLIPSeg": "vlsegkit.models",
+    "CoTexNet": "vlsegkit.models",
+    "CoTexNetOutput": "vlsegkit.models",
+    "CoTexNetTask": "vlsegkit.models.cotexnet_task",
+    "COTEXNET_RECIPES": "vlsegkit.models.cotexnet_task",
+    "CoTexNetLoss": "vlsegkit.losses",
+    "SANKD": "vlsegkit.layers",
+    "ROIPseudoTokens": "vlsegkit.adapters",
+    "SupportsTextFree": "vlsegkit.models",
     "TunedModel": "vlsegkit.models",
     "load_tuned": "vlsegkit.models",
     "SegmentationOutput": "vlsegkit.models",
@@ -62,6 +70,8 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "COTEXNET_RECIPES",
+    "SANKD",
     "VLSM",
     "VPT",
     "BertTokenizer",
@@ -72,6 +82,10 @@ __all__ = [
     "CheckpointError",
     "CoCoOp",
     "CoOp",
+    "CoTexNet",
+    "CoTexNetLoss",
+    "CoTexNetOutput",
+    "CoTexNetTask",
     "DiceBCELoss",
     "FiLMDecoder",
     "HookSlots",
@@ -84,6 +98,7 @@ __all__ = [
     "PVLAdapters",
     "PVLAttention",
     "PixelTextHead",
+    "ROIPseudoTokens",
     "RunContext",
     "SegmentationOutput",
     "SegmentationTask",
@@ -92,6 +107,7 @@ __all__ = [
     "SoftPatchContrastiveLoss",
     "SupportsDecoderFeatures",
     "SupportsHooks",
+    "SupportsTextFree",
     "SupportsUncertainty",
     "Task",
     "TextBatch",
@@ -126,26 +142,30 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static tools (type checkers, IDEs, mkdocstrings) see the real names
-    from .adapters import BottleneckAdapters, PVLAdapters
+    from .adapters import BottleneckAdapters, PVLAdapters, ROIPseudoTokens
     from .decoders import FiLMDecoder
     from .encoders import HookSlots, RunContext, TokenState, Tower, TowerHook, run_towers
     from .encoders.factory import create_towers
     from .hub import CheckpointError
-    from .layers import LearnableUpsampler, PixelTextHead, PVLAdapter, PVLAttention
-    from .losses import DiceBCELoss, MedCLIPSegLoss, SoftPatchContrastiveLoss
+    from .layers import SANKD, LearnableUpsampler, PixelTextHead, PVLAdapter, PVLAttention
+    from .losses import CoTexNetLoss, DiceBCELoss, MedCLIPSegLoss, SoftPatchContrastiveLoss
     from .models import (
         VLSM,
         CLIPSeg,
         CLIPSegOutput,
+        CoTexNet,
+        CoTexNetOutput,
         MedCLIPSeg,
         MedCLIPSegOutput,
         SegmentationOutput,
         SupportsDecoderFeatures,
         SupportsHooks,
+        SupportsTextFree,
         SupportsUncertainty,
         TunedModel,
         load_tuned,
     )
+    from .models.cotexnet_task import COTEXNET_RECIPES, CoTexNetTask
     from .ops import probabilistic_attention
     from .prompts import VPT, CoCoOp, CoOp, MaPLe, SharedAttention, SharedSeparate
     from .registry import create_model, list_hooks, list_models

@@ -76,6 +76,8 @@ __all__ = [
     "iou_score",
     "mask_boundary",
     "normalized_surface_dice",
+    "pixel_accuracy",
+    "soft_dice_score",
     "surface_distances",
 ]
 
@@ -211,6 +213,42 @@ def iou_score(
     union = p_sum + g_sum - inter
     score = inter.float() / union.clamp_min(1).float()
     return torch.where(union > 0, score, torch.full_like(score, empty_score))
+
+
+def soft_dice_score(pred: Tensor, target: Tensor, *, empty_score: float = 1.0) -> Tensor:
+    """Per-image Dice of soft probabilities, ``2·Σ p·g / (Σ p + Σ g)`` (no threshold).
+
+    CoTexNet reports this Dice (torchmetrics ``DiceScore`` run on the sigmoid probabilities in its
+    released evaluation): a confident correct prediction scores higher than a hesitant one.
+
+    Args:
+        pred: ``(B, 1, H, W)`` probabilities in [0, 1] (bool masks are taken as 0/1).
+        target: ``(B, 1, H, W)`` ground truth in {0, 1} (soft labels are used as they are).
+        empty_score: score when ``Σ p + Σ g = 0``.
+
+    Returns:
+        ``(B,)`` float32 scores in [0, 1].
+    """
+    _check_pair(pred, target)
+    p, g = pred.double().flatten(1), target.double().flatten(1)
+    denom = p.sum(1) + g.sum(1)
+    score = 2.0 * (p * g).sum(1) / denom.clamp_min(1e-12)
+    return torch.where(denom > 0, score, torch.full_like(score, empty_score)).float()
+
+
+def pixel_accuracy(pred: Tensor, target: Tensor, *, threshold: float = 0.5) -> Tensor:
+    """Per-image pixel accuracy ``|{P = G}| / (H·W)`` of binarised masks (CoTexNet's PA).
+
+    Args:
+        pred: ``(B, 1, H, W)`` probabilities (binarised as ``pred > threshold``) or bool.
+        target: ``(B, 1, H, W)`` ground truth (binarised at 0.5) or bool.
+        threshold: probability threshold, strictly between 0 and 1.
+
+    Returns:
+        ``(B,)`` float32 accuracies in [0, 1].
+    """
+    p, g = _binary_pair(pred, target, threshold)
+    return (p == g).flatten(1).float().mean(1)
 
 
 # --------------------------------------------------------------------------- surface distances

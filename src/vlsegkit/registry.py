@@ -39,12 +39,14 @@ __all__ = [
 _BUILTIN_MODULES = (
     "vlsegkit.models.clipseg",
     "vlsegkit.models.medclipseg",
+    "vlsegkit.models.cotexnet",
     "vlsegkit.models.tuned",
     "vlsegkit.prompts.text",
     "vlsegkit.prompts.visual",
     "vlsegkit.prompts.multimodal",
     "vlsegkit.adapters.pvl",
     "vlsegkit.adapters.bottleneck",
+    "vlsegkit.adapters.roi_tokens",
 )
 
 

@@ -11,5 +11,12 @@ model is tuned with them (``BottleneckAdapters().attach(model)``).
 
 from .bottleneck import BottleneckAdapter, BottleneckAdapters
 from .pvl import PVLAdapters
+from .roi_tokens import ROIPseudoTokens, ROISlots
 
-__all__ = ["BottleneckAdapter", "BottleneckAdapters", "PVLAdapters"]
+__all__ = [
+    "BottleneckAdapter",
+    "BottleneckAdapters",
+    "PVLAdapters",
+    "ROIPseudoTokens",
+    "ROISlots",
+]

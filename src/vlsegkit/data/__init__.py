@@ -7,6 +7,16 @@
 from typing import TYPE_CHECKING, Any
 
 from .cached import CachedDataset
+from .concepts import (
+    CONCEPT_TEMPLATE,
+    CONCEPTS,
+    AttributeExtractor,
+    ConceptualPrompts,
+    MaskAttributeExtractor,
+    conceptual_prompt,
+    multiclass_conceptual_prompt,
+    write_prompt_cache,
+)
 from .images import to_image_tensor
 from .synthetic import (
     ComponentAttributes,
@@ -29,21 +39,29 @@ from .templates import (
 __all__ = [
     "CAMUS_CLASSES",
     "CHEXLOCALIZE_CLASSES",
+    "CONCEPTS",
+    "CONCEPT_TEMPLATE",
     "DATASET_TEMPLATES",
+    "AttributeExtractor",
     "CachedDataset",
     "ComponentAttributes",
+    "ConceptualPrompts",
     "ImageMaskPromptDataset",
+    "MaskAttributeExtractor",
     "PromptTemplates",
     "SegmentationSample",
     "SyntheticLesions",
     "attribute_prompt",
     "collate_prompts",
+    "conceptual_prompt",
     "connected_components",
     "get_templates",
     "mask_attributes",
     "mask_prompt_fields",
+    "multiclass_conceptual_prompt",
     "render_template",
     "to_image_tensor",
+    "write_prompt_cache",
 ]
 
 

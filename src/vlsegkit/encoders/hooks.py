@@ -115,6 +115,9 @@ class TowerHook(RecordsConfig, nn.Module):
             (``ctx.text_image_index`` is then set).
         lockstep: the hook reads several towers at the same block, so they must be stepped together
             with paired rows (implies ``pairs_text_with_images``).
+        model_inputs: ``ctx.extras`` keys the hook reads that only the model owning it supplies
+            (CoTexNet's ROI tokens); such a hook is part of that model and cannot be attached to
+            another one.
 
     Subclasses record their constructor arguments automatically (``hook.config``); parameters whose
     shapes depend on the model are created in :meth:`bind`.
@@ -124,6 +127,7 @@ class TowerHook(RecordsConfig, nn.Module):
     needs_image_features: ClassVar[bool] = False
     pairs_text_with_images: ClassVar[bool] = False
     lockstep: ClassVar[bool] = False
+    model_inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -1,8 +1,14 @@
 """Complete vision-language segmentation models, their outputs and capabilities."""
 
 from .base import VLSM, eval_mode, parse_text_prompts, prompts_per_image
-from .capabilities import SupportsDecoderFeatures, SupportsHooks, SupportsUncertainty
+from .capabilities import (
+    SupportsDecoderFeatures,
+    SupportsHooks,
+    SupportsTextFree,
+    SupportsUncertainty,
+)
 from .clipseg import CLIPSeg
+from .cotexnet import CoTexNet, CoTexNetOutput
 from .medclipseg import MedCLIPSeg, MedCLIPSegPrefix
 from .outputs import CLIPSegOutput, MedCLIPSegOutput, SegmentationOutput
 from .tuned import TunedModel, load_tuned
@@ -11,12 +17,15 @@ __all__ = [
     "VLSM",
     "CLIPSeg",
     "CLIPSegOutput",
+    "CoTexNet",
+    "CoTexNetOutput",
     "MedCLIPSeg",
     "MedCLIPSegOutput",
     "MedCLIPSegPrefix",
     "SegmentationOutput",
     "SupportsDecoderFeatures",
     "SupportsHooks",
+    "SupportsTextFree",
     "SupportsUncertainty",
     "TunedModel",
     "eval_mode",

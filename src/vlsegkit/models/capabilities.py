@@ -13,7 +13,12 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from ..encoders.hooks import HookSlots
 
-__all__ = ["SupportsDecoderFeatures", "SupportsHooks", "SupportsUncertainty"]
+__all__ = [
+    "SupportsDecoderFeatures",
+    "SupportsHooks",
+    "SupportsTextFree",
+    "SupportsUncertainty",
+]
 
 
 @runtime_checkable
@@ -38,3 +43,12 @@ class SupportsUncertainty(Protocol):
     samples)`` returns a :class:`~vlsegkit.uncertainty.UncertaintyOutput`."""
 
     def predict_with_uncertainty(self, images: Any, prompts: Any, samples: int = ...) -> Any: ...
+
+
+@runtime_checkable
+class SupportsTextFree(Protocol):
+    """Segments without text: ``forward(pixel_values)`` and ``predict(images)`` take no prompt, and
+    text (with masks) conditions training only (CoTexNet). ``image_condition(pixel_values)`` gives
+    the conditioning vector the model predicts from the image alone."""
+
+    def image_condition(self, pixel_values: Any) -> Any: ...
