@@ -39,6 +39,7 @@ __all__ = [
 _BUILTIN_MODULES = (
     "vlsegkit.models.clipseg",
     "vlsegkit.models.medclipseg",
+    "vlsegkit.models.dual_encoder",
     "vlsegkit.models.tuned",
     "vlsegkit.prompts.text",
     "vlsegkit.prompts.visual",

@@ -1,8 +1,15 @@
-"""Complete vision-language segmentation models, their outputs and capabilities."""
+"""Complete vision-language segmentation models (and the dual encoder contrastive fine-tuning
+trains), their outputs and capabilities."""
 
 from .base import VLSM, eval_mode, parse_text_prompts, prompts_per_image
-from .capabilities import SupportsDecoderFeatures, SupportsHooks, SupportsUncertainty
+from .capabilities import (
+    SupportsDecoderFeatures,
+    SupportsHooks,
+    SupportsRetrieval,
+    SupportsUncertainty,
+)
 from .clipseg import CLIPSeg
+from .dual_encoder import DualEncoder, DualEncoderOutput
 from .medclipseg import MedCLIPSeg, MedCLIPSegPrefix
 from .outputs import CLIPSegOutput, MedCLIPSegOutput, SegmentationOutput
 from .tuned import TunedModel, load_tuned
@@ -11,12 +18,15 @@ __all__ = [
     "VLSM",
     "CLIPSeg",
     "CLIPSegOutput",
+    "DualEncoder",
+    "DualEncoderOutput",
     "MedCLIPSeg",
     "MedCLIPSegOutput",
     "MedCLIPSegPrefix",
     "SegmentationOutput",
     "SupportsDecoderFeatures",
     "SupportsHooks",
+    "SupportsRetrieval",
     "SupportsUncertainty",
     "TunedModel",
     "eval_mode",

@@ -4,6 +4,7 @@ Code that works with any model asks these questions instead of inspecting signat
 
     if isinstance(model, SupportsHooks): ...          # prompt learners / adapters attach
     if isinstance(model, SupportsUncertainty): ...    # Monte Carlo maps
+    if isinstance(model, SupportsRetrieval): ...      # embeddings and (B, T) logits, no masks
 """
 
 from __future__ import annotations
@@ -13,7 +14,12 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from ..encoders.hooks import HookSlots
 
-__all__ = ["SupportsDecoderFeatures", "SupportsHooks", "SupportsUncertainty"]
+__all__ = [
+    "SupportsDecoderFeatures",
+    "SupportsHooks",
+    "SupportsRetrieval",
+    "SupportsUncertainty",
+]
 
 
 @runtime_checkable
@@ -38,3 +44,13 @@ class SupportsUncertainty(Protocol):
     samples)`` returns a :class:`~vlsegkit.uncertainty.UncertaintyOutput`."""
 
     def predict_with_uncertainty(self, images: Any, prompts: Any, samples: int = ...) -> Any: ...
+
+
+@runtime_checkable
+class SupportsRetrieval(Protocol):
+    """A dual encoder (:class:`~vlsegkit.models.dual_encoder.DualEncoder`): ``model(pixel_values,
+    texts)`` returns image and text embeddings in one joint space and their ``(B, T)`` similarity
+    ``logits`` instead of masks; ``similarity(image_embeds, text_embeds)`` scores any two sets
+    (retrieval, zero-shot classification, contrastive fine-tuning)."""
+
+    def similarity(self, image_embeds: Any, text_embeds: Any) -> Any: ...
