@@ -29,6 +29,14 @@ _EXPORTS = {
     "DiceBCELoss": "vlsegkit.losses",
     "MedCLIPSegLoss": "vlsegkit.losses",
     "SoftPatchContrastiveLoss": "vlsegkit.losses",
+    "DHNNCELoss": "vlsegkit.losses",
+    "DCLLoss": "vlsegkit.losses",
+    "HNNCELoss": "vlsegkit.losses",
+    "InfoNCELoss": "vlsegkit.losses",
+    "DualEncoder": "vlsegkit.models",
+    "DualEncoderOutput": "vlsegkit.models",
+    "SupportsRetrieval": "vlsegkit.models",
+    "ContrastiveTask": "vlsegkit.contrastive",
     "VLSM": "vlsegkit.models",
     "CLIPSeg": "vlsegkit.models",
     "MedCLIPSeg": "vlsegkit.models",
@@ -72,9 +80,16 @@ __all__ = [
     "CheckpointError",
     "CoCoOp",
     "CoOp",
+    "ContrastiveTask",
+    "DCLLoss",
+    "DHNNCELoss",
     "DiceBCELoss",
+    "DualEncoder",
+    "DualEncoderOutput",
     "FiLMDecoder",
+    "HNNCELoss",
     "HookSlots",
+    "InfoNCELoss",
     "LearnableUpsampler",
     "MaPLe",
     "MedCLIPSeg",
@@ -92,6 +107,7 @@ __all__ = [
     "SoftPatchContrastiveLoss",
     "SupportsDecoderFeatures",
     "SupportsHooks",
+    "SupportsRetrieval",
     "SupportsUncertainty",
     "Task",
     "TextBatch",
@@ -127,21 +143,33 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static tools (type checkers, IDEs, mkdocstrings) see the real names
     from .adapters import BottleneckAdapters, PVLAdapters
+    from .contrastive import ContrastiveTask
     from .decoders import FiLMDecoder
     from .encoders import HookSlots, RunContext, TokenState, Tower, TowerHook, run_towers
     from .encoders.factory import create_towers
     from .hub import CheckpointError
     from .layers import LearnableUpsampler, PixelTextHead, PVLAdapter, PVLAttention
-    from .losses import DiceBCELoss, MedCLIPSegLoss, SoftPatchContrastiveLoss
+    from .losses import (
+        DCLLoss,
+        DHNNCELoss,
+        DiceBCELoss,
+        HNNCELoss,
+        InfoNCELoss,
+        MedCLIPSegLoss,
+        SoftPatchContrastiveLoss,
+    )
     from .models import (
         VLSM,
         CLIPSeg,
         CLIPSegOutput,
+        DualEncoder,
+        DualEncoderOutput,
         MedCLIPSeg,
         MedCLIPSegOutput,
         SegmentationOutput,
         SupportsDecoderFeatures,
         SupportsHooks,
+        SupportsRetrieval,
         SupportsUncertainty,
         TunedModel,
         load_tuned,
