@@ -21,10 +21,11 @@ Table 2: ``α = 0, β = 0`` is DCL (eqs. 7-8), ``α = 1`` HN-NCE and ``α = 1, �
 InfoNCE of CLIP (eqs. 2-3, summed over anchors and over the two directions, so ``reduction="mean"``
 is twice CLIP's ``(CE(S) + CE(Sᵀ)) / 2``). Each log-sum is computed in log space::
 
-    log Σ_{j≠i} W_ij exp(s_ij) = log(B-1) + LSE_{j≠i}(s_ij + log_softmax_{k≠i}(β s_ik)_j)
+    log Σ_{j≠i} W_ij exp(s_ij) = log(B-1) + LSE_{j≠i}((1+β) s_ij) - LSE_{k≠i}(β s_ik)
 
 so nothing overflows for small ``τ``, and nothing larger than the ``(B, B)`` similarity matrix is
-built. Gradients flow through the weights W (neither the paper nor the code stops them);
+built (a few ``(B, B)`` temporaries; ``benchmarks/dhn_nce.py`` compares the cost with CLIP's
+cross-entropy loss). Gradients flow through the weights W (neither the paper nor the code stops them);
 ``detach_weights=True`` is the stop-gradient variant.
 
 The released code (``released=True``) computes something else (``specs/medclipsamv2.md`` §1.4,
@@ -131,18 +132,28 @@ def _similarity(image_embeds: Tensor, text_embeds: Tensor, temperature: float) -
 
 # --------------------------------------------------------------------------- paper, eqs. 9-13
 def _paper_direction(s: Tensor, beta: float, alpha: float, detach_weights: bool) -> Tensor:
-    """Per-anchor terms ``ℓ_i`` (B,) of one direction; anchors are the rows of ``s``."""
+    """Per-anchor terms ``ℓ_i`` (B,) of one direction; anchors are the rows of ``s``.
+
+    With ``W_ij = (B-1) exp(β s_ij) / Σ_{k≠i} exp(β s_ik)`` (eqs. 12-13) the weighted log-sum is
+
+        log Σ_{j≠i} W_ij e^{s_ij} = log(B-1) + LSE_{j≠i}((1+β) s_ij) - LSE_{k≠i}(β s_ik)
+
+    (two masked ``(B, B)`` log-sum-exps; with β = 0 the weights are 1 and the last two terms
+    cancel). With ``detach_weights`` the β parts carry no gradient.
+    """
     b = s.shape[0]
-    off = ~torch.eye(b, dtype=torch.bool, device=s.device)
-    negatives = s.masked_fill(~off, -math.inf)  # the anchor's own pair is not a negative
-    # log W_ij = log(B-1) + log softmax over the anchor's negatives of beta * s (eqs. 12-13);
-    # beta * s is masked after the product (0 * -inf would be NaN for beta = 0)
-    hardness = (beta * s).masked_fill(~off, -math.inf)
-    log_w = math.log(b - 1) + torch.log_softmax(hardness, dim=-1)
-    if detach_weights:
-        log_w = log_w.detach()
-    # (the diagonal stays -inf: -inf + -inf; logsumexp gives it zero weight and zero gradient)
-    log_neg = torch.logsumexp(negatives + log_w, dim=-1)
+    eye = torch.eye(b, dtype=torch.bool, device=s.device)  # the anchor's own pair: no negative
+    if beta == 0:
+        log_neg = torch.logsumexp(s.masked_fill(eye, -math.inf), dim=-1)
+    else:
+        hard = beta * s
+        if detach_weights:
+            hard = hard.detach()
+        log_neg = (
+            math.log(b - 1)
+            + torch.logsumexp((s + hard).masked_fill(eye, -math.inf), dim=-1)
+            - torch.logsumexp(hard.masked_fill(eye, -math.inf), dim=-1)
+        )
     positive = s.diagonal()
     if alpha > 0:
         log_neg = torch.logaddexp(log_neg, positive + math.log(alpha))
