@@ -4,8 +4,10 @@ As in tests/test_train_distributed.py, the launch test runs this file as the tor
 (``... test_contrastive_distributed.py worker OUT``). Each process trains on half of every global
 batch; with the embeddings gathered over processes the loss sees the whole batch, and the weights
 must end where one process training on the whole batch ends. Without gathering they must not (the
-test can tell the two apart). ``gather_embeddings`` is also checked on uneven shares: values in
-rank order, gradients only to the local rows.
+test can tell the two apart). A small stand-in encoder makes the comparison quick and sharp; the
+tiny ``DualEncoder`` is trained the same way to show the real model under DDP (every trainable
+parameter reached by the loss, or the gradient reduction would stall). ``gather_embeddings`` is also
+checked on uneven shares: values in rank order, gradients only to the local rows.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from vlsegkit import _distributed
+from vlsegkit import _distributed, create_model
 from vlsegkit.contrastive import ContrastiveTask, gather_embeddings
 from vlsegkit.train import fit, seed_everything
 
@@ -64,6 +66,25 @@ class Pairs(Dataset):
         return {"image": self.noise[i] + c / 4, "prompt": f"a {WORDS[c]} seen here"}
 
 
+class Squares(Dataset):
+    """64 px images with one bright quadrant, captioned with its position."""
+
+    POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+
+    def __init__(self, length: int = 16) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.noise = 0.3 * torch.randn(length, 3, 64, 64, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.noise)
+
+    def __getitem__(self, i: int) -> dict:
+        r, q = divmod(i % 4, 2)
+        image = self.noise[i].clone()
+        image[:, 32 * r : 32 * (r + 1), 32 * q : 32 * (q + 1)] += 1.5
+        return {"image": image, "text": f"a bright square at the {self.POSITIONS[i % 4]}"}
+
+
 def params_of(model: nn.Module) -> Tensor:
     return torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
 
@@ -78,12 +99,29 @@ def run(batch_size: int, *, gather: bool = True, log_fn=None):
     return model, history
 
 
+def run_dual(batch_size: int):
+    seed_everything(0)
+    model = create_model("dual-encoder-tiny")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    fit(
+        model,
+        Squares(),
+        batch_size=batch_size,
+        epochs=1,
+        optimizer=optimizer,
+        seed=3,
+        progress=False,
+    )  # fmt: skip  (the model's own task: ContrastiveTask with DHN-NCE)
+    return model
+
+
 def _worker(out: Path) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     records = []
     gathered, history = run(8 // WORLD, log_fn=records.append)
     local, _ = run(8 // WORLD, gather=False)
+    dual = run_dual(8 // WORLD)
     # uneven shares: rank r holds r + 2 rows of value r
     x = torch.full((rank + 2, 3), float(rank), requires_grad=True)
     rows = gather_embeddings(x)
@@ -93,6 +131,7 @@ def _worker(out: Path) -> None:
         {
             "gathered": params_of(gathered),
             "local": params_of(local),
+            "dual": params_of(dual),
             "history": history.state_dict(),
             "records": records,
             "rows": rows.detach(),
@@ -150,6 +189,22 @@ def test_gathered_loss_trains_like_one_process_on_the_global_batch(ddp_results):
         assert ours[key] == pytest.approx(theirs[key], rel=1e-6)
     # each process's own loss (no gathering) is another objective: the weights differ
     assert (ranks[0]["local"] - params_of(single)).abs().max() > 1e-4
+
+
+def test_the_dual_encoder_trains_under_ddp_like_one_process(ddp_results):
+    assert torch.equal(ddp_results[0]["dual"], ddp_results[1]["dual"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = params_of(run_dual(8))
+    finally:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    start = params_of(create_model("dual-encoder-tiny"))
+    diff = (ddp_results[0]["dual"] - single).abs().max().item()
+    print(f"DualEncoder: max |DDP - single| = {diff:.3g}, moved {(single - start).abs().max():.3g}")
+    assert diff <= 1e-5 * max(1.0, single.abs().max().item())
+    assert (single - start).abs().max() > 1e-3
 
 
 def test_gather_embeddings_on_uneven_shares(ddp_results):

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..encoders.factory import (
     OPENAI_CLIP_MEAN,
@@ -111,8 +111,10 @@ class DualEncoder(VLSM):
         logits = exp(logit_scale) · normalize(v) normalize(t)ᵀ        # (B, T)
 
     Both towers train by default: MedCLIP-SAMv2 fine-tunes BiomedCLIP end to end (its released
-    script locks neither tower). ``logit_scale`` is CLIP's learnable temperature; the DHN-NCE family
-    uses its own fixed ``τ`` instead, so it gets no gradient from them (as in the released script).
+    script locks neither tower). ``logit_scale`` is CLIP's temperature, kept as a buffer at its
+    loaded value: it scales ``logits`` (and ``predict``), while the DHN-NCE family uses its own fixed
+    ``τ`` (in the released script ``logit_scale`` gets no gradient either). A parameter no loss
+    reaches would also stall DDP's gradient reduction.
 
     Args:
         backbone: tower spec (:class:`~vlsegkit.encoders.OpenCLIPSpec` /
@@ -126,7 +128,7 @@ class DualEncoder(VLSM):
         image_size: ``(H, W)`` (or one int) ``predict`` resizes images to.
         image_mean, image_std: normalisation used by ``predict`` / ``preprocess`` (OpenAI CLIP's, as
             the paper uses for BiomedCLIP).
-        freeze_backbone: freeze both towers (only hooks and ``logit_scale`` then train).
+        freeze_backbone: freeze both towers (only hooks then train).
         hooks: hooks the model owns (trained and saved with it), acting on one tower at a time.
 
     Shapes:
@@ -165,7 +167,7 @@ class DualEncoder(VLSM):
                 "the towers must share the joint width, got vision "
                 f"{self.vision_tower.embed_dim} and text {self.text_tower.embed_dim}"
             )
-        self.logit_scale = nn.Parameter(torch.tensor(_CLIP_LOGIT_SCALE))
+        self.register_buffer("logit_scale", torch.tensor(_CLIP_LOGIT_SCALE))
         # upstream names (CLIPModel / open_clip keys) -> ours, for conversions both ways
         self._upstream_keys = {
             upstream: ("vision_tower." if ours.startswith("vision.") else "text_tower.")
@@ -444,7 +446,7 @@ class DualEncoder(VLSM):
                 continue
             converted[self._upstream_keys.get(key, key)] = value
         if "logit_scale" not in converted:
-            converted["logit_scale"] = self.logit_scale.detach().clone()
+            converted["logit_scale"] = self.logit_scale.clone()
         for name, tensor in self.state_dict().items():  # model-owned hooks are not upstream parts
             if not name.startswith(("vision_tower.", "text_tower.", "logit_scale")):
                 converted.setdefault(name, tensor)
