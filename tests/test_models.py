@@ -10,6 +10,11 @@ Text-free models (:class:`~vlsegkit.models.capabilities.SupportsTextFree`, e.g. 
 prompt at inference: for them the prompt-pairing checks become "one row per image, independent of the
 batch", training-mode calls give one prompt per image plus the masks text conditioning needs, and
 ``predict`` takes images only.
+
+Models that embed instead of segmenting (:class:`~vlsegkit.models.capabilities.SupportsRetrieval`,
+the dual encoder contrastive fine-tuning trains) output ``(B, T)`` image-text logits: the shape,
+pairing, freezing and ``predict`` tests check that form for them, and hooks that pair texts with
+images are skipped on models whose hook slots say they cannot (``HookSlots.lockstep``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,12 @@ import torch
 import vlsegkit
 from vlsegkit import TunedModel, create_model, list_hooks, list_models
 from vlsegkit.data import SyntheticLesions, collate_prompts
-from vlsegkit.models.capabilities import SupportsHooks, SupportsTextFree, SupportsUncertainty
+from vlsegkit.models.capabilities import (
+    SupportsHooks,
+    SupportsRetrieval,
+    SupportsTextFree,
+    SupportsUncertainty,
+)
 from vlsegkit.registry import hook_class
 from vlsegkit.train import fit
 
@@ -64,6 +74,17 @@ def _logits(model, pixels, prompts, seed: int = 0) -> torch.Tensor:
     return model(pixels, prompts).logits
 
 
+def _retrieval_shapes_and_pairing(model, x):
+    # every image with every text, each embedded independently of the others
+    with torch.no_grad():
+        assert _logits(model, x, PROMPTS).shape == (2, 3)
+        assert _logits(model, x, PROMPTS[:2]).shape == (2, 2)
+        assert _logits(model, x, PROMPTS[0]).shape == (2, 1)
+        full = _logits(model, x, PROMPTS)
+        alone = _logits(model, x[1:], PROMPTS[2:])
+    assert (full[1:, 2:] - alone).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_forward_shapes_and_pairing(name):
     model = _model(name).eval()
@@ -72,6 +93,8 @@ def test_forward_shapes_and_pairing(name):
         return
     x = _pixels(model)
     h, w = model.image_size
+    if isinstance(model, SupportsRetrieval):
+        return _retrieval_shapes_and_pairing(model, x)
     with torch.no_grad():
         assert _logits(model, x, PROMPTS).shape == (2, 3, h, w)  # every image, every prompt
         assert _logits(model, x, PROMPTS[:2]).shape == (2, 1, h, w)  # B prompts: one per image
@@ -114,7 +137,10 @@ def test_gradients_reach_exactly_the_trainable_parameters(name):
 def test_freeze_backbone(name):
     model = _model(name)
     towers = [*model.vision_tower.parameters(), *model.text_tower.parameters()]
-    assert all(not p.requires_grad for p in towers)  # the papers' recipes: frozen towers
+    # the papers' recipes: segmenters train on frozen towers; contrastive fine-tuning trains the
+    # towers themselves (MedCLIP-SAMv2)
+    frozen = not isinstance(model, SupportsRetrieval)
+    assert all(p.requires_grad != frozen for p in towers)
     model.freeze_backbone(False)
     assert all(p.requires_grad for p in towers)
     assert model.config["freeze_backbone"] is False  # a rebuild repeats it
@@ -191,6 +217,12 @@ def test_predict_returns_probabilities_at_the_original_size(name):
         with pytest.raises(ValueError, match="image alone"):
             model.predict(images, PROMPTS[:2])
         return
+    if isinstance(model, SupportsRetrieval):  # zero-shot classification over the texts
+        probs = model.predict(images, PROMPTS)
+        assert probs.shape == (2, 3) and model.training
+        torch.testing.assert_close(probs.sum(-1), torch.ones(2))
+        assert model.predict(images[0], PROMPTS).shape == (3,)
+        return
     probs = model.predict(images, PROMPTS[:2])
     assert [tuple(p.shape) for p in probs] == [(2, 37, 50), (2, 64, 29)]
     assert all(((p >= 0) & (p <= 1)).all() for p in probs)
@@ -232,8 +264,11 @@ def lesions():
 def test_every_hook_attaches_trains_and_changes_only_its_weights(name, hook_name, lesions):
     base = _model(name)
     assert isinstance(base, SupportsHooks)
+    hook = _hook(hook_name)
+    if (hook.lockstep or hook.pairs_text_with_images) and not base.hook_slots().lockstep:
+        pytest.skip(f"{name} embeds texts independently of images; {hook_name} pairs them")
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    tuned = _hook(hook_name).attach(base)
+    tuned = hook.attach(base)
     assert isinstance(tuned, TunedModel)
     own = {k: v.clone() for k, v in tuned.state_dict().items()}
     assert own and all(k.startswith(("hooks.", "upsampler.")) for k in own)

@@ -29,6 +29,14 @@ _EXPORTS = {
     "DiceBCELoss": "vlsegkit.losses",
     "MedCLIPSegLoss": "vlsegkit.losses",
     "SoftPatchContrastiveLoss": "vlsegkit.losses",
+    "DHNNCELoss": "vlsegkit.losses",
+    "DCLLoss": "vlsegkit.losses",
+    "HNNCELoss": "vlsegkit.losses",
+    "InfoNCELoss": "vlsegkit.losses",
+    "DualEncoder": "vlsegkit.models",
+    "DualEncoderOutput": "vlsegkit.models",
+    "SupportsRetrieval": "vlsegkit.models",
+    "ContrastiveTask": "vlsegkit.contrastive",
     "VLSM": "vlsegkit.models",
     "CLIPSeg": "vlsegkit.models",
     "MedCLIPSeg": "vlsegkit.models",
@@ -86,9 +94,16 @@ __all__ = [
     "CoTexNetLoss",
     "CoTexNetOutput",
     "CoTexNetTask",
+    "ContrastiveTask",
+    "DCLLoss",
+    "DHNNCELoss",
     "DiceBCELoss",
+    "DualEncoder",
+    "DualEncoderOutput",
     "FiLMDecoder",
+    "HNNCELoss",
     "HookSlots",
+    "InfoNCELoss",
     "LearnableUpsampler",
     "MaPLe",
     "MedCLIPSeg",
@@ -107,6 +122,7 @@ __all__ = [
     "SoftPatchContrastiveLoss",
     "SupportsDecoderFeatures",
     "SupportsHooks",
+    "SupportsRetrieval",
     "SupportsTextFree",
     "SupportsUncertainty",
     "Task",
@@ -143,23 +159,36 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static tools (type checkers, IDEs, mkdocstrings) see the real names
     from .adapters import BottleneckAdapters, PVLAdapters, ROIPseudoTokens
+    from .contrastive import ContrastiveTask
     from .decoders import FiLMDecoder
     from .encoders import HookSlots, RunContext, TokenState, Tower, TowerHook, run_towers
     from .encoders.factory import create_towers
     from .hub import CheckpointError
     from .layers import SANKD, LearnableUpsampler, PixelTextHead, PVLAdapter, PVLAttention
-    from .losses import CoTexNetLoss, DiceBCELoss, MedCLIPSegLoss, SoftPatchContrastiveLoss
+    from .losses import (
+        CoTexNetLoss,
+        DCLLoss,
+        DHNNCELoss,
+        DiceBCELoss,
+        HNNCELoss,
+        InfoNCELoss,
+        MedCLIPSegLoss,
+        SoftPatchContrastiveLoss,
+    )
     from .models import (
         VLSM,
         CLIPSeg,
         CLIPSegOutput,
         CoTexNet,
         CoTexNetOutput,
+        DualEncoder,
+        DualEncoderOutput,
         MedCLIPSeg,
         MedCLIPSegOutput,
         SegmentationOutput,
         SupportsDecoderFeatures,
         SupportsHooks,
+        SupportsRetrieval,
         SupportsTextFree,
         SupportsUncertainty,
         TunedModel,

@@ -77,6 +77,9 @@ __all__ = [
     "mask_boundary",
     "normalized_surface_dice",
     "pixel_accuracy",
+    "retrieval_accuracy",
+    "retrieval_hits",
+    "retrieval_ranks",
     "soft_dice_score",
     "surface_distances",
 ]
@@ -836,3 +839,143 @@ class SegmentationMeter:
 def _nanmean(values: Tensor) -> float:
     kept = values[~values.isnan()]
     return float(kept.double().mean()) if kept.numel() else math.nan
+
+
+# --------------------------------------------------------------------------- image-text retrieval
+# Cross-modal retrieval of paired embeddings (MedCLIP-SAMv2 §3.4.1 / Table 2): image i's caption is
+# text i. For image query i, the rank of its caption is the number of texts scoring *strictly*
+# higher (so identical captions elsewhere in the set -- common in medical data -- tie in its favour,
+# whatever order a sort would pick); it is found in the top k when that rank is < k. Text queries
+# are scored the same way over the images.
+
+
+def _check_pairs(image_embeds: Tensor, text_embeds: Tensor) -> None:
+    for name, x in (("image_embeds", image_embeds), ("text_embeds", text_embeds)):
+        if not isinstance(x, Tensor) or x.dim() != 2 or 0 in x.shape or not x.is_floating_point():
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"{name} must be a floating-point (N, D) tensor with N, D >= 1, got {shape}"
+            )
+    if image_embeds.shape != text_embeds.shape:
+        raise ValueError(
+            "image_embeds and text_embeds must have the same shape (N, D) (row i of each is pair i), "
+            f"got {tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}"
+        )
+
+
+def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    ks = tuple(ks)
+    if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
+        raise ValueError(f"ks must be a non-empty sequence of ints >= 1, got {ks!r}")
+    return ks
+
+
+def retrieval_ranks(similarity: Tensor) -> tuple[Tensor, Tensor]:
+    """Rank of the true partner of every query in a square similarity matrix.
+
+    Args:
+        similarity: ``(N, N)`` scores, ``similarity[i, j]`` between image ``i`` and text ``j``;
+            the pairs are the diagonal.
+
+    Returns:
+        ``(image_to_text, text_to_image)``, each ``(N,)`` long: for image ``i`` the number of texts
+        scoring strictly higher than text ``i``; for text ``j`` the number of images scoring strictly
+        higher than image ``j``. 0 means retrieved first.
+    """
+    if not isinstance(similarity, Tensor) or similarity.dim() != 2:
+        raise ValueError(
+            f"similarity must be an (N, N) tensor, got {getattr(similarity, 'shape', similarity)!r}"
+        )
+    n, m = similarity.shape
+    if n != m or n == 0:
+        raise ValueError(f"similarity must be a non-empty square (N, N) matrix, got {(n, m)}")
+    positive = similarity.diagonal()
+    return (
+        (similarity > positive[:, None]).sum(dim=1),
+        (similarity > positive[None, :]).sum(dim=0),
+    )
+
+
+@torch.no_grad()
+def retrieval_hits(
+    image_embeds: Tensor, text_embeds: Tensor, *, ks: Sequence[int] = (1, 5)
+) -> dict[str, Tensor]:
+    """Per-query top-k hits of image-to-text and text-to-image retrieval within one set of pairs.
+
+    Embeddings are compared by cosine similarity (L2-normalised here, in float32 or wider).
+
+    Args:
+        image_embeds: ``(N, D)`` image embeddings.
+        text_embeds: ``(N, D)`` text embeddings; text ``i`` is the caption of image ``i``.
+        ks: the ``k`` of top-k (default top-1 and top-5).
+
+    Returns:
+        ``{"i2t_top{k}": (N,), "t2i_top{k}": (N,)}``: 1.0 where the query's partner is among its
+        ``k`` best matches, else 0.0 (means are the top-k accuracies).
+    """
+    _check_pairs(image_embeds, text_embeds)
+    ks = _check_ks(ks)
+    dtype = torch.promote_types(image_embeds.dtype, torch.float32)
+    image = torch.nn.functional.normalize(image_embeds.to(dtype), dim=-1)
+    text = torch.nn.functional.normalize(text_embeds.to(dtype), dim=-1)
+    i2t, t2i = retrieval_ranks(image @ text.T)
+    out = {f"i2t_top{k}": (i2t < k).to(dtype) for k in ks}
+    out.update({f"t2i_top{k}": (t2i < k).to(dtype) for k in ks})
+    return out
+
+
+@torch.no_grad()
+def retrieval_accuracy(
+    image_embeds: Tensor,
+    text_embeds: Tensor,
+    *,
+    ks: Sequence[int] = (1, 2),
+    batch_size: int | None = 50,
+    runs: int = 5,
+    generator: torch.Generator | None = None,
+) -> dict[str, tuple[float, float]]:
+    """Top-k retrieval accuracy with MedCLIP-SAMv2's protocol (Table 2: ROCO, top-1 / top-2).
+
+    Each run shuffles the pairs, splits them into consecutive batches of ``batch_size`` (the last one
+    may be smaller) and retrieves within each batch (:func:`retrieval_hits`); the accuracy of a run
+    is the mean over all queries. The paper reports mean ± std over 5 runs with batches of 50.
+
+    Args:
+        image_embeds: ``(N, D)`` image embeddings.
+        text_embeds: ``(N, D)`` text embeddings, paired row by row.
+        ks: the ``k`` of top-k (the paper: 1 and 2).
+        batch_size: pairs per retrieval batch; None retrieves within the whole set (then one run
+            is enough: the order does not matter).
+        runs: number of shuffled runs.
+        generator: random generator of the shuffles (reproducible runs); None uses the global RNG.
+
+    Returns:
+        ``{"i2t_top{k}": (mean, std), "t2i_top{k}": (mean, std)}`` over runs, accuracies in
+        ``[0, 1]``; the std is the sample std (0 for a single run).
+    """
+    _check_pairs(image_embeds, text_embeds)
+    ks = _check_ks(ks)
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise ValueError(f"runs must be an int >= 1, got {runs!r}")
+    n = image_embeds.shape[0]
+    size = n if batch_size is None else batch_size
+    per_run: dict[str, list[float]] = {}
+    for _ in range(runs):
+        order = torch.randperm(n, generator=generator).to(image_embeds.device)
+        hits: dict[str, list[Tensor]] = {}
+        for start in range(0, n, size):
+            rows = order[start : start + size]
+            for key, value in retrieval_hits(image_embeds[rows], text_embeds[rows], ks=ks).items():
+                hits.setdefault(key, []).append(value)
+        for key, values in hits.items():
+            per_run.setdefault(key, []).append(float(torch.cat(values).double().mean()))
+    out = {}
+    for key, values in per_run.items():
+        t = torch.tensor(values, dtype=torch.float64)
+        std = float(t.std()) if len(values) > 1 else 0.0
+        out[key] = (float(t.mean()), std)
+    return out

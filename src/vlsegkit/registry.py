@@ -40,6 +40,7 @@ _BUILTIN_MODULES = (
     "vlsegkit.models.clipseg",
     "vlsegkit.models.medclipseg",
     "vlsegkit.models.cotexnet",
+    "vlsegkit.models.dual_encoder",
     "vlsegkit.models.tuned",
     "vlsegkit.prompts.text",
     "vlsegkit.prompts.visual",

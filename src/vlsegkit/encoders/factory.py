@@ -206,6 +206,15 @@ class TransformersCLIPSpec(TowerSpec):
 
 
 # ------------------------------------------------------------------------------ open_clip
+#: ``BertConfig`` fields that define the architecture (what ``OpenCLIPSpec.from_open_clip_config``
+#: keeps from a Hub ``config.json``).
+_BERT_KEYS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
+    "type_vocab_size", "layer_norm_eps", "pad_token_id", "position_embedding_type",
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class OpenCLIPViT:
     """open_clip's built-in ``VisionTransformer``: ``cfg`` holds ``CLIPVisionCfg`` fields."""
@@ -338,6 +347,54 @@ class OpenCLIPSpec(TowerSpec):
             text=text,
             quick_gelu=bool(spec.get("quick_gelu", False)),
         )
+
+    @classmethod
+    def from_open_clip_config(
+        cls, model_cfg: Mapping[str, Any], *, bert_config: Mapping[str, Any] | None = None
+    ) -> OpenCLIPSpec:
+        """The towers of an open_clip ``open_clip_config.json``'s ``model_cfg`` (e.g. BiomedCLIP).
+
+        Args:
+            model_cfg: ``{"embed_dim", "vision_cfg", "text_cfg", "quick_gelu"?, ...}`` as open_clip
+                writes it. A ``text_cfg`` with ``hf_model_name`` is a Hugging Face BERT encoder
+                (:class:`BertText`, with ``hf_proj_type`` / ``hf_pooler_type``, open_clip's defaults
+                ``"mlp"`` / ``"mean_pooler"``); otherwise open_clip's CLIP text transformer.
+            bert_config: the ``config.json`` of ``hf_model_name`` (needed for a BERT text encoder);
+                its architecture fields are kept.
+
+        Raises:
+            ValueError: a missing part, or an ``hf_model_name`` text encoder that is not BERT.
+        """
+        where = "open_clip model_cfg"
+        if not isinstance(model_cfg, Mapping) or "embed_dim" not in model_cfg:
+            raise ValueError(f"{where} must be a dict with 'embed_dim', 'vision_cfg', 'text_cfg'")
+        vision_cfg = _plain(model_cfg.get("vision_cfg"), f"{where} vision_cfg")
+        text_cfg = _plain(model_cfg.get("text_cfg"), f"{where} text_cfg")
+        spec: dict[str, Any] = {
+            "kind": cls.kind,
+            "embed_dim": int(model_cfg["embed_dim"]),
+            "quick_gelu": bool(model_cfg.get("quick_gelu", False)),
+            "vision_cfg": vision_cfg,
+        }
+        if text_cfg.get("hf_model_name"):
+            if bert_config is None:
+                raise ValueError(
+                    f"{where}: the text encoder {text_cfg['hf_model_name']!r} is a Hugging Face "
+                    "model; pass its config.json as bert_config"
+                )
+            bert = _plain(bert_config, "bert_config")
+            if bert.get("model_type", "bert") != "bert":
+                raise ValueError(
+                    f"only BERT text encoders are supported, got model_type {bert['model_type']!r}"
+                )
+            spec.update(
+                bert_config={k: bert[k] for k in _BERT_KEYS if k in bert},
+                text_proj=text_cfg.get("hf_proj_type", "mlp"),
+                text_pooler=text_cfg.get("hf_pooler_type", "mean_pooler"),
+            )
+        else:
+            spec["text_cfg"] = text_cfg
+        return cls.from_dict(spec)
 
     def build(self) -> Towers:
         from open_clip.model import _build_text_tower, _build_vision_tower

@@ -1,14 +1,17 @@
-"""Complete vision-language segmentation models, their outputs and capabilities."""
+"""Complete vision-language segmentation models (and the dual encoder contrastive fine-tuning
+trains), their outputs and capabilities."""
 
 from .base import VLSM, eval_mode, parse_text_prompts, prompts_per_image
 from .capabilities import (
     SupportsDecoderFeatures,
     SupportsHooks,
+    SupportsRetrieval,
     SupportsTextFree,
     SupportsUncertainty,
 )
 from .clipseg import CLIPSeg
 from .cotexnet import CoTexNet, CoTexNetOutput
+from .dual_encoder import DualEncoder, DualEncoderOutput
 from .medclipseg import MedCLIPSeg, MedCLIPSegPrefix
 from .outputs import CLIPSegOutput, MedCLIPSegOutput, SegmentationOutput
 from .tuned import TunedModel, load_tuned
@@ -19,12 +22,15 @@ __all__ = [
     "CLIPSegOutput",
     "CoTexNet",
     "CoTexNetOutput",
+    "DualEncoder",
+    "DualEncoderOutput",
     "MedCLIPSeg",
     "MedCLIPSegOutput",
     "MedCLIPSegPrefix",
     "SegmentationOutput",
     "SupportsDecoderFeatures",
     "SupportsHooks",
+    "SupportsRetrieval",
     "SupportsTextFree",
     "SupportsUncertainty",
     "TunedModel",

@@ -4,6 +4,7 @@ Code that works with any model asks these questions instead of inspecting signat
 
     if isinstance(model, SupportsHooks): ...          # prompt learners / adapters attach
     if isinstance(model, SupportsUncertainty): ...    # Monte Carlo maps
+    if isinstance(model, SupportsRetrieval): ...      # embeddings and (B, T) logits, no masks
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SupportsDecoderFeatures",
     "SupportsHooks",
+    "SupportsRetrieval",
     "SupportsTextFree",
     "SupportsUncertainty",
 ]
@@ -52,3 +54,13 @@ class SupportsTextFree(Protocol):
     the conditioning vector the model predicts from the image alone."""
 
     def image_condition(self, pixel_values: Any) -> Any: ...
+
+
+@runtime_checkable
+class SupportsRetrieval(Protocol):
+    """A dual encoder (:class:`~vlsegkit.models.dual_encoder.DualEncoder`): ``model(pixel_values,
+    texts)`` returns image and text embeddings in one joint space and their ``(B, T)`` similarity
+    ``logits`` instead of masks; ``similarity(image_embeds, text_embeds)`` scores any two sets
+    (retrieval, zero-shot classification, contrastive fine-tuning)."""
+
+    def similarity(self, image_embeds: Any, text_embeds: Any) -> Any: ...
