@@ -27,7 +27,8 @@ PROMPTS = ["a small round lesion", "two polyps", "nothing here"]
 
 def test_tiny_models_are_registered():
     # the suite below must not silently test nothing
-    assert {"clipseg-tiny", "medclipseg-tiny"} <= set(TINY)
+    assert {"clipseg-tiny", "medclipseg-tiny", "cris-tiny", "biomedclipseg-tiny",
+            "biomedclipseg-d-tiny"} <= set(TINY)  # fmt: skip
 
 
 def _model(name: str, seed: int = 0, **kwargs):
@@ -79,7 +80,11 @@ def test_gradients_reach_exactly_the_trainable_parameters(name):
 def test_freeze_backbone(name):
     model = _model(name)
     towers = [*model.vision_tower.parameters(), *model.text_tower.parameters()]
-    assert all(not p.requires_grad for p in towers)  # the papers' recipes: frozen towers
+    # each paper's recipe: frozen towers (CLIPSeg, MedCLIPSeg, BiomedCLIPSeg), fine-tuned (CRIS)
+    frozen = model.config["freeze_backbone"]
+    assert all(p.requires_grad is not frozen for p in towers)
+    model.freeze_backbone()
+    assert all(not p.requires_grad for p in towers)
     model.freeze_backbone(False)
     assert all(p.requires_grad for p in towers)
     assert model.config["freeze_backbone"] is False  # a rebuild repeats it
@@ -189,7 +194,17 @@ def test_every_hook_attaches_trains_and_changes_only_its_weights(name, hook_name
     base = _model(name)
     assert isinstance(base, SupportsHooks)
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    tuned = _hook(hook_name).attach(base)
+    hook = _hook(hook_name)
+    slots = base.hook_slots()
+    missing = [t for t in hook.towers if t not in slots.towers]
+    if missing:
+        # e.g. a vision hook on CRIS's ResNet: refused with the model's reason, the base untouched
+        with pytest.raises(ValueError, match=f"acts on the {missing[0]} tower.*no hook slots"):
+            hook.attach(base)
+        assert slots.unavailable[missing[0]]  # the model says why
+        assert all(p.requires_grad for p in base.trainable_parameters())
+        return
+    tuned = hook.attach(base)
     assert isinstance(tuned, TunedModel)
     own = {k: v.clone() for k, v in tuned.state_dict().items()}
     assert own and all(k.startswith(("hooks.", "upsampler.")) for k in own)

@@ -31,6 +31,9 @@ _EXPORTS = {
     "SoftPatchContrastiveLoss": "vlsegkit.losses",
     "VLSM": "vlsegkit.models",
     "CLIPSeg": "vlsegkit.models",
+    "BiomedCLIPSeg": "vlsegkit.models",
+    "CRIS": "vlsegkit.models",
+    "CRISOutput": "vlsegkit.models",
     "MedCLIPSeg": "vlsegkit.models",
     "TunedModel": "vlsegkit.models",
     "load_tuned": "vlsegkit.models",
@@ -62,13 +65,16 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "CRIS",
     "VLSM",
     "VPT",
     "BertTokenizer",
+    "BiomedCLIPSeg",
     "BottleneckAdapters",
     "CLIPSeg",
     "CLIPSegOutput",
     "CLIPTokenizer",
+    "CRISOutput",
     "CheckpointError",
     "CoCoOp",
     "CoOp",
@@ -134,9 +140,12 @@ if TYPE_CHECKING:  # static tools (type checkers, IDEs, mkdocstrings) see the re
     from .layers import LearnableUpsampler, PixelTextHead, PVLAdapter, PVLAttention
     from .losses import DiceBCELoss, MedCLIPSegLoss, SoftPatchContrastiveLoss
     from .models import (
+        CRIS,
         VLSM,
+        BiomedCLIPSeg,
         CLIPSeg,
         CLIPSegOutput,
+        CRISOutput,
         MedCLIPSeg,
         MedCLIPSegOutput,
         SegmentationOutput,

@@ -35,7 +35,9 @@ __all__ = [
 ]
 
 
-def conv_bn_relu(in_dim: int, out_dim: int, kernel_size: int = 1, padding: int = 0) -> nn.Sequential:
+def conv_bn_relu(
+    in_dim: int, out_dim: int, kernel_size: int = 1, padding: int = 0
+) -> nn.Sequential:
     """``Conv2d (no bias) -> BatchNorm2d -> ReLU`` (CRIS's ``conv_layer``; keys ``0.weight``, ``1.*``)."""
     return nn.Sequential(
         nn.Conv2d(in_dim, out_dim, kernel_size, 1, padding, bias=False),
@@ -45,7 +47,9 @@ def conv_bn_relu(in_dim: int, out_dim: int, kernel_size: int = 1, padding: int =
 
 
 def _linear_bn_relu(in_dim: int, out_dim: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim), nn.ReLU(True))
+    return nn.Sequential(
+        nn.Linear(in_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim), nn.ReLU(True)
+    )
 
 
 def sine_position_1d(dim: int, length: int, *, device=None, dtype=torch.float32) -> Tensor:
@@ -65,7 +69,9 @@ def sine_position_1d(dim: int, length: int, *, device=None, dtype=torch.float32)
     return pe.to(dtype)
 
 
-def sine_position_2d(dim: int, height: int, width: int, *, device=None, dtype=torch.float32) -> Tensor:
+def sine_position_2d(
+    dim: int, height: int, width: int, *, device=None, dtype=torch.float32
+) -> Tensor:
     """Fixed 2-D sine position encoding ``(height * width, dim)``, row-major (CRIS's ``pos2d``).
 
     The first half of the channels encodes the column ``x`` and the second half the row ``y``, each
@@ -240,7 +246,9 @@ class VisionLanguageDecoderLayer(nn.Module):
             TuneVLSeg's prompt tuning 0).
     """
 
-    def __init__(self, dim: int = 512, *, num_heads: int = 8, dim_ffn: int = 2048, dropout: float = 0.1):
+    def __init__(
+        self, dim: int = 512, *, num_heads: int = 8, dim_ffn: int = 2048, dropout: float = 0.1
+    ):
         super().__init__()
         self.self_attn_norm = nn.LayerNorm(dim)
         self.cross_attn_norm = nn.LayerNorm(dim)
@@ -303,7 +311,9 @@ class VisionLanguageDecoder(nn.Module):
     ) -> None:
         super().__init__()
         if dim % 4:
-            raise ValueError(f"the decoder width must be divisible by 4 (2-D sine positions), got {dim}")
+            raise ValueError(
+                f"the decoder width must be divisible by 4 (2-D sine positions), got {dim}"
+            )
         self.dim = dim
         self.layers = nn.ModuleList(
             VisionLanguageDecoderLayer(dim, num_heads=num_heads, dim_ffn=dim_ffn, dropout=dropout)
@@ -372,7 +382,9 @@ class DynamicKernelProjector(nn.Module):
 
     def forward(self, x: Tensor, sentence: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != 2 * self.in_dim:
-            raise ValueError(f"x must have shape (B, {2 * self.in_dim}, h, w), got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have shape (B, {2 * self.in_dim}, h, w), got {tuple(x.shape)}"
+            )
         b = x.shape[0]
         if sentence.shape != (b, self.word_dim):
             raise ValueError(

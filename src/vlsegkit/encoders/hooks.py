@@ -95,8 +95,8 @@ class HookSlots:
                 continue
             reason = self.unavailable.get(name, f"the model has no {name} tower")
             raise ValueError(
-                f"{type(hook).__name__} acts on the {name} tower, which this model offers hooks "
-                f"no slots in: {reason}"
+                f"{type(hook).__name__} acts on the {name} tower, where this model offers no hook "
+                f"slots: {reason}"
             )
 
 

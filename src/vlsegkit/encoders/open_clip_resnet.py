@@ -77,9 +77,9 @@ def keep_frozen_batchnorm_in_eval(module: nn.Module) -> None:
     statistics instead of the batch's.
     """
     for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            if not any(p.requires_grad for p in m.parameters(recurse=False)):
-                m.eval()
+        frozen = not any(p.requires_grad for p in m.parameters(recurse=False))
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and frozen:
+            m.eval()
 
 
 class OpenCLIPResNetTower(nn.Module):
@@ -158,7 +158,9 @@ class OpenCLIPResNetTower(nn.Module):
     def _check_pixels(self, pixel_values: Tensor) -> None:
         if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 4:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else pixel_values
-            raise ValueError(f"pixel_values must have shape (B, {self.num_channels}, H, W), got {shape}")
+            raise ValueError(
+                f"pixel_values must have shape (B, {self.num_channels}, H, W), got {shape}"
+            )
         b, c, h, w = pixel_values.shape
         if b == 0 or c != self.num_channels:
             raise ValueError(

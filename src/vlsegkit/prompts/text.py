@@ -28,7 +28,6 @@ from torch import Tensor, nn
 
 from ..encoders.base import TokenState
 from ..encoders.hooks import RunContext
-
 from .base import ContextLearner, PromptSet, _check_image_features
 from .projector import PromptProjector
 
