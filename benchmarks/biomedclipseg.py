@@ -10,9 +10,11 @@ finishing the trunk and its head), the open_clip BERT encoder (pooler + projecti
 transformers' ``CLIPSegDecoder`` holding vlsegkit's decoder weights (identical names). vlsegkit
 steps the towers with the runner and stops the vision tower after the deepest tapped block.
 
-Rows (each in a fresh subprocess): ``forward`` (eval, no grad) and ``train decoder`` (frozen towers,
-forward + backward + AdamW on the decoder: medvlsm's recipe). Time is the best of ``--repeats``
-after a warm-up; memory the growth of the peak resident set (``benchmarks/_memory.py``).
+Rows: ``forward`` (eval, no grad) and ``train decoder`` (frozen towers, forward + backward + AdamW
+on the decoder: medvlsm's recipe). Time is the best of ``--repeats`` after a warm-up, the two
+implementations alternating in one process (both feel the same background load); memory is the
+growth of the peak resident set of one call, each implementation in its own process
+(``benchmarks/_memory.py``).
 
 Usage::
 
@@ -85,7 +87,8 @@ def _medvlsm(model):
     return hf_decoder, forward
 
 
-def _worker(row: str, impl: str, args: argparse.Namespace) -> None:
+def _setup(row: str, args: argparse.Namespace):
+    """``{impl: call}`` over one model (the towers are shared, the decoders are copies)."""
     import torch
 
     import vlsegkit
@@ -103,56 +106,76 @@ def _worker(row: str, impl: str, args: argparse.Namespace) -> None:
     ids[:, 1:11] = torch.randint(5, 1000, (b, 10), generator=g)
     mask = (ids != 0).long()
     masks = (torch.rand(b, 1, size, size, generator=g) > 0.7).float()
-    if impl == "vlsegkit":
-        decoder = model.decoder
-        run = lambda: model(images, input_ids=ids, attention_mask=mask).logits  # noqa: E731
-    else:
-        decoder, forward = _medvlsm(model)
-        run = lambda: forward(images, ids, mask)  # noqa: E731
-    loss_fn = DiceBCELoss()
+    hf_decoder, medvlsm = _medvlsm(model)
+    runs = {
+        "vlsegkit": (
+            model.decoder,
+            lambda: model(images, input_ids=ids, attention_mask=mask).logits,
+        ),
+        "medvlsm": (hf_decoder, lambda: medvlsm(images, ids, mask)),
+    }
+    diff = None
     if row == "forward":
+        with torch.no_grad():
+            diff = (runs["vlsegkit"][1]() - runs["medvlsm"][1]()).abs().max().item()
+    loss_fn = DiceBCELoss()
+    calls = {}
+    for impl, (decoder, run) in runs.items():
+        if row == "forward":
 
-        def call() -> None:
-            with torch.no_grad():
-                run()
+            def call(run=run) -> None:
+                with torch.no_grad():
+                    run()
 
-    else:
-        decoder.train()
-        optimizer = torch.optim.AdamW(decoder.parameters(), lr=1e-3)
+        else:
+            decoder.train()
+            optimizer = torch.optim.AdamW(decoder.parameters(), lr=1e-3)
 
-        def call() -> None:
-            loss_fn(run(), masks).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            def call(run=run, optimizer=optimizer) -> None:
+                loss_fn(run(), masks).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
 
+        calls[impl] = call
+    return calls, diff
+
+
+def _worker(row: str, mode: str, args: argparse.Namespace) -> None:
+    """``"time"``: both implementations alternating, best of ``repeats`` each; an implementation's
+    name: its peak-memory growth alone."""
+    calls, diff = _setup(row, args)
+    if mode == "time":
+        times: dict[str, list[float]] = {impl: [] for impl in calls}
+        for call in calls.values():
+            call()
+        for _ in range(args.repeats):
+            for impl, call in calls.items():
+                t0 = time.perf_counter()
+                call()
+                times[impl].append(time.perf_counter() - t0)
+        result = {f"{impl}_ms": 1e3 * min(t) for impl, t in times.items()}
+        print(json.dumps({**result, "max_diff": diff}))
+        return
+    call = calls[mode]
+    del calls
     call()
     with PeakRSS() as mem:
         call()
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    result = {"ms": 1e3 * min(times), "peak_mb": mem.growth / 2**20}
-    if row == "forward" and impl == "medvlsm":
-        with torch.no_grad():
-            ours = model(images, input_ids=ids, attention_mask=mask).logits
-            result["max_diff"] = (run() - ours).abs().max().item()
-    print(json.dumps(result))
+    print(json.dumps({"peak_mb": mem.growth / 2**20}))
 
 
-def _run(row: str, impl: str, args: argparse.Namespace) -> dict:
+def _run(row: str, mode: str, args: argparse.Namespace) -> dict:
     env = dict(os.environ)
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", row, "--impl", impl]
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", row, "--mode", mode]
     cmd += ["--model", args.model, "--image-size", str(args.image_size)]
     cmd += ["--batch-size", str(args.batch_size), "--repeats", str(args.repeats)]
     cmd += ["--threads", str(args.threads)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
-        raise RuntimeError(f"{row} / {impl} failed:\n{out.stderr}")
+        raise RuntimeError(f"{row} / {mode} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -165,27 +188,29 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     parser.add_argument("--worker", choices=ROWS, help=argparse.SUPPRESS)
-    parser.add_argument("--impl", choices=IMPLS, default="vlsegkit", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=("time", *IMPLS), default="time", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        _worker(args.worker, args.impl, args)
+        _worker(args.worker, args.mode, args)
         return
     print(
         f"{args.model} (random weights), {args.image_size} px, batch {args.batch_size}, one "
-        f"12-token prompt per image, fp32, cpu, {args.threads} threads; best of {args.repeats}"
+        f"12-token prompt per image, fp32, cpu, {args.threads} threads; time: best of "
+        f"{args.repeats}, the two implementations alternating in one process"
     )
     header = f"{'row':<15}{'ms':>9}{'medvlsm':>9}{'ratio':>7}{'MB':>8}{'medvlsm':>9}{'ratio':>7}"
     print(header)
     print("-" * len(header))
     for row in args.rows:
-        ours, ref = _run(row, "vlsegkit", args), _run(row, "medvlsm", args)
+        t = _run(row, "time", args)
+        ours, ref = _run(row, "vlsegkit", args)["peak_mb"], _run(row, "medvlsm", args)["peak_mb"]
         print(
-            f"{row:<15}{ours['ms']:>9.0f}{ref['ms']:>9.0f}{ours['ms'] / ref['ms']:>7.2f}"
-            f"{ours['peak_mb']:>8.0f}{ref['peak_mb']:>9.0f}"
-            f"{ours['peak_mb'] / max(ref['peak_mb'], 1e-9):>7.2f}"
+            f"{row:<15}{t['vlsegkit_ms']:>9.0f}{t['medvlsm_ms']:>9.0f}"
+            f"{t['vlsegkit_ms'] / t['medvlsm_ms']:>7.2f}{ours:>8.0f}{ref:>9.0f}"
+            + (f"{ours / ref:>7.2f}" if ref >= 1 else f"{'-':>7}")
         )
-        if "max_diff" in ref:
-            print(f"{'':<15}(forward: max |logits - medvlsm logits| = {ref['max_diff']:.1e})")
+        if t["max_diff"] is not None:
+            print(f"{'':<15}(forward: max |logits - medvlsm logits| = {t['max_diff']:.1e})")
 
 
 if __name__ == "__main__":

@@ -14,10 +14,12 @@ Rows, each in a fresh subprocess (so neither memory nor thread pools leak betwee
   keep their BatchNorm statistics (eval mode); the reference runs the same step with
   ``requires_grad_(False)`` on its backbone.
 
-Time is the best of ``--repeats`` after a warm-up (least disturbed by other load on a shared
-machine); memory is the growth of the peak resident set over the resident set before the measured
-call (``benchmarks/_memory.py``), or ``torch.cuda.max_memory_allocated`` growth on CUDA. The last
-column is vlsegkit / reference.
+Time is the best of ``--repeats`` after a warm-up, the two implementations alternating step by step
+in one process so that both feel the same background load (the minimum is the statistic least
+disturbed by other load on a shared machine); memory is the growth of the peak resident set over
+the resident set before the measured call, each implementation alone in its own process
+(``benchmarks/_memory.py``), or ``torch.cuda.max_memory_allocated`` growth on CUDA. Ratios are
+vlsegkit / reference.
 
 Usage::
 
@@ -74,7 +76,8 @@ def _reference_from(model):
     return ref
 
 
-def _worker(row: str, impl: str, args: argparse.Namespace) -> None:
+def _setup(row: str, args: argparse.Namespace):
+    """``{impl: call}`` for both implementations (same weights), and the max logit difference."""
     import torch
 
     import vlsegkit
@@ -84,6 +87,8 @@ def _worker(row: str, impl: str, args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = vlsegkit.create_model(args.model, image_size=args.image_size, dropout=0.0)
+    ref = _reference_from(model).to(device)
+    model = model.to(device)
     b, size = args.batch_size, args.image_size
     g = torch.Generator().manual_seed(0)
     images = torch.randn(b, 3, size, size, generator=g).to(device)
@@ -92,43 +97,73 @@ def _worker(row: str, impl: str, args: argparse.Namespace) -> None:
     ids[:, 1:8] = torch.randint(300, 40000, (b, 7), generator=g)
     ids = ids.to(device)
     masks = (torch.rand(b, 1, size, size, generator=g) > 0.7).float().to(device)
-    net = model if impl == "vlsegkit" else _reference_from(model)
-    net = net.to(device)
     frozen = row == "train frozen"
-    if impl == "vlsegkit":
-        model.freeze_backbone(frozen)
-        run = lambda: model(images, input_ids=ids).logits  # noqa: E731
-    else:
-        net.backbone.requires_grad_(not frozen)
-        run = lambda: net(images, ids)  # noqa: E731
-    loss_fn = DiceBCELoss(dice_weight=1.0, bce_weight=0.2)
-
+    model.freeze_backbone(frozen)
+    ref.backbone.requires_grad_(not frozen)
+    runs = {
+        "vlsegkit": (model, lambda: model(images, input_ids=ids).logits),
+        "reference": (ref, lambda: ref(images, ids)),
+    }
+    diff = None
     if row == "forward":
-        net.eval()
+        model.eval(), ref.eval()
+        with torch.no_grad():  # the reference computes the same function
+            diff = (runs["vlsegkit"][1]() - runs["reference"][1]()).abs().max().item()
+    loss_fn = DiceBCELoss(dice_weight=1.0, bce_weight=0.2)
+    calls, trainable = {}, {}
+    for impl, (net, run) in runs.items():
+        trainable[impl] = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        if row == "forward":
 
-        def call() -> None:
-            with torch.no_grad():
-                run()
+            def call(run=run) -> None:
+                with torch.no_grad():
+                    run()
 
-    else:
-        net.train()
-        if impl == "reference" and frozen:
-            for m in net.backbone.modules():  # the frozen-BN semantics vlsegkit applies
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        params = [p for p in net.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=1e-5)
+        else:
+            net.train()
+            if impl == "reference" and frozen:
+                for m in net.backbone.modules():  # the frozen-BN semantics vlsegkit applies
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+            optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-5)
 
-        def call() -> None:
-            loss_fn(run(), masks).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            def call(run=run, optimizer=optimizer) -> None:
+                loss_fn(run(), masks).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        calls[impl] = call
+    return calls, trainable, diff, device
+
+
+def _worker(row: str, mode: str, args: argparse.Namespace) -> None:
+    """``mode`` ``"time"``: both implementations, alternating, best of ``repeats`` each (both feel
+    the same background load); ``mode`` = an implementation: its peak-memory growth alone."""
+    import torch
+
+    calls, trainable, diff, device = _setup(row, args)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    call()  # warm-up
+    if mode == "time":
+        times: dict[str, list[float]] = {impl: [] for impl in calls}
+        for call in calls.values():
+            call()  # warm-up: optimizer state, thread pools, allocator
+        sync()
+        for _ in range(args.repeats):
+            for impl, call in calls.items():
+                t0 = time.perf_counter()
+                call()
+                sync()
+                times[impl].append(time.perf_counter() - t0)
+        result = {f"{impl}_ms": 1e3 * min(t) for impl, t in times.items()}
+        print(json.dumps({**result, "trainable": trainable["vlsegkit"], "max_diff": diff}))
+        return
+    call = calls[mode]
+    del calls  # the other implementation's step is never run here
+    call()
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -140,34 +175,21 @@ def _worker(row: str, impl: str, args: argparse.Namespace) -> None:
         with PeakRSS() as mem:
             call()
         peak = mem.growth
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        call()
-        sync()
-        times.append(time.perf_counter() - t0)
-    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    result = {"ms": 1e3 * min(times), "peak_mb": peak / 2**20, "trainable": trainable}
-    if row == "forward" and impl == "reference":
-        with torch.no_grad():  # the reference computes the same function
-            result["max_diff"] = (
-                (run() - model.eval()(images, input_ids=ids).logits).abs().max().item()
-            )
-    print(json.dumps(result))
+    print(json.dumps({"peak_mb": peak / 2**20}))
 
 
-def _run(row: str, impl: str, args: argparse.Namespace) -> dict:
+def _run(row: str, mode: str, args: argparse.Namespace) -> dict:
     env = dict(os.environ)
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # large frees go back to the OS: RSS tracks tensors
     src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", row, "--impl", impl]
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", row, "--mode", mode]
     cmd += ["--model", args.model, "--image-size", str(args.image_size)]
     cmd += ["--batch-size", str(args.batch_size), "--repeats", str(args.repeats)]
     cmd += ["--threads", str(args.threads), "--device", args.device]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
-        raise RuntimeError(f"{row} / {impl} failed:\n{out.stderr}")
+        raise RuntimeError(f"{row} / {mode} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -181,14 +203,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     parser.add_argument("--worker", choices=ROWS, help=argparse.SUPPRESS)
-    parser.add_argument("--impl", choices=IMPLS, default="vlsegkit", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=("time", *IMPLS), default="time", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        _worker(args.worker, args.impl, args)
+        _worker(args.worker, args.mode, args)
         return
     print(
         f"{args.model} (random weights), {args.image_size} px, batch {args.batch_size}, one 9-token "
-        f"prompt per image, fp32, {args.device}, {args.threads} threads; best of {args.repeats}"
+        f"prompt per image, fp32, {args.device}, {args.threads} threads; time: best of "
+        f"{args.repeats}, the two implementations alternating in one process"
     )
     header = (
         f"{'row':<16}{'trainable':>12}{'ms':>9}{'ref ms':>9}{'ratio':>7}"
@@ -197,14 +220,15 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for row in args.rows:
-        ours, ref = _run(row, "vlsegkit", args), _run(row, "reference", args)
+        t = _run(row, "time", args)
+        ours, ref = _run(row, "vlsegkit", args)["peak_mb"], _run(row, "reference", args)["peak_mb"]
         print(
-            f"{row:<16}{ours['trainable']:>12,}{ours['ms']:>9.0f}{ref['ms']:>9.0f}"
-            f"{ours['ms'] / ref['ms']:>7.2f}{ours['peak_mb']:>8.0f}{ref['peak_mb']:>8.0f}"
-            f"{ours['peak_mb'] / max(ref['peak_mb'], 1e-9):>7.2f}"
+            f"{row:<16}{t['trainable']:>12,}{t['vlsegkit_ms']:>9.0f}{t['reference_ms']:>9.0f}"
+            f"{t['vlsegkit_ms'] / t['reference_ms']:>7.2f}{ours:>8.0f}{ref:>8.0f}"
+            + (f"{ours / ref:>7.2f}" if ref >= 1 else f"{'-':>7}")
         )
-        if "max_diff" in ref:
-            print(f"{'':<16}(forward: max |logits - reference logits| = {ref['max_diff']:.1e})")
+        if t["max_diff"] is not None:
+            print(f"{'':<16}(forward: max |logits - reference logits| = {t['max_diff']:.1e})")
 
 
 if __name__ == "__main__":

@@ -254,3 +254,9 @@ def test_text_learner_on_the_bert_tower(model_d):
     assert torch.equal(tuned.learner.context[0], table[word])
     out = tuned(_images(2), ["polyp", "lesion"])
     assert out.logits.shape == (2, 1, 64, 64) and torch.isfinite(out.logits).all()
+
+
+def test_default_task_is_medvlsm_loss():
+    task = vlsegkit.create_model("biomedclipseg-tiny").default_task()
+    assert (task.loss.dice_weight, task.loss.bce_weight, task.loss.smooth) == (1.0, 0.2, 1e-5)
+    assert task.threshold == 0.5

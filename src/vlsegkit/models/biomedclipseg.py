@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +41,9 @@ from ..hub import CheckpointError, check_state_dict, load_checkpoint_file, read_
 from ..registry import register_model
 from ..tokenizers import PromptTokenizer, load_tokenizer
 from .clipseg import CLIPSeg
+
+if TYPE_CHECKING:
+    from ..tasks import Task
 
 __all__ = ["BIOMEDCLIP_ID", "BiomedCLIPSeg", "init_decoder_like_transformers"]
 
@@ -247,6 +250,25 @@ class BiomedCLIPSeg(CLIPSeg):
     @classmethod
     def _claims_foreign(cls, config: dict[str, Any]) -> bool:
         return False  # transformers CLIPSeg folders are CLIPSeg's
+
+    def default_task(
+        self,
+        *,
+        dice_weight: float = 1.0,
+        bce_weight: float = 0.2,
+        smooth: float = 1e-5,
+        threshold: float = 0.5,
+    ) -> Task:
+        """medvlsm's objective for every model it trains: ``Dice + 0.2 BCE`` on the logits.
+
+        medvlsm configures ``monai.losses.DiceCELoss(lambda_dice=1, lambda_ce=0.2)`` (MONAI's Dice
+        smoothing ``1e-5``) and thresholds BiomedCLIPSeg at 0.5.
+        """
+        from ..losses import DiceBCELoss
+        from ..tasks import SegmentationTask
+
+        loss = DiceBCELoss(dice_weight=dice_weight, bce_weight=bce_weight, smooth=smooth)
+        return SegmentationTask(loss=loss, threshold=threshold)
 
     # ------------------------------------------------------------------ pretrained parts
     @classmethod
