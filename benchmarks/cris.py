@@ -73,6 +73,7 @@ def _reference_from(model):
             state[key] = ours[key]
     state = {k: v for k, v in state.items() if v is not None}  # logit_scale stays as built
     ref.load_state_dict(state, strict=False)
+    ref.decoder.loops = False  # position tables computed with tensor operations, as CRIS.pytorch
     return ref
 
 

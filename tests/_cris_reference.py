@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["RefCRIS", "RefDecoder", "RefFPN", "RefProjector", "pos1d_loops", "pos2d_loops",
-           "randomise"]  # fmt: skip
+           "pos_tables", "randomise"]  # fmt: skip
 
 
 def _conv(i: int, o: int, k: int = 1, p: int = 0) -> nn.Sequential:
@@ -126,15 +126,35 @@ class RefDecoderLayer(nn.Module):
         return v + self.ffn(self.norm3(v))
 
 
+def pos_tables(d: int, h: int, w: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same 2-D ``(h*w, d)`` and 1-D ``(n, d)`` tables, computed with tensor operations (fast,
+    for the benchmark's reference run)."""
+    half = d // 2
+    f = 1 / 10000 ** (torch.arange(0, half, 2).float() / half)
+    x = torch.arange(w).float()[:, None] * f
+    y = torch.arange(h).float()[:, None] * f
+    cols = torch.stack([x.sin(), x.cos()], -1).flatten(1)  # (w, half): sin, cos interleaved
+    rows = torch.stack([y.sin(), y.cos()], -1).flatten(1)
+    grid = torch.cat([cols[None].expand(h, w, half), rows[:, None].expand(h, w, half)], -1)
+    g = 1 / 10000 ** (torch.arange(0, d, 2).float() / d)
+    p = torch.arange(n).float()[:, None] * g
+    return grid.reshape(h * w, d), torch.stack([p.sin(), p.cos()], -1).flatten(1)
+
+
 class RefDecoder(nn.Module):
     def __init__(self, n, d, heads, ffn):
         super().__init__()
         self.layers = nn.ModuleList(RefDecoderLayer(d, heads, ffn) for _ in range(n))
         self.norm = nn.LayerNorm(d)
+        self.loops = True  # tests: the slow loop statements; the benchmark switches them off
 
     def forward(self, vis, txt, pad):
         b, c, h, w = vis.shape
-        vpos, tpos = pos2d_loops(c, h, w)[:, None], pos1d_loops(c, txt.shape[1])[:, None]
+        if self.loops:
+            vpos, tpos = pos2d_loops(c, h, w), pos1d_loops(c, txt.shape[1])
+        else:
+            vpos, tpos = pos_tables(c, h, w, txt.shape[1])
+        vpos, tpos = vpos[:, None], tpos[:, None]
         v, t = vis.flatten(2).permute(2, 0, 1), txt.permute(1, 0, 2)
         for layer in self.layers:
             v = layer(v, t, vpos, tpos, pad)

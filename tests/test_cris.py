@@ -27,6 +27,7 @@ from _cris_reference import (  # noqa: E402
     RefProjector,
     pos1d_loops,
     pos2d_loops,
+    pos_tables,
     randomise,
 )
 from vlsegkit import CRIS, VPT, CoCoOp, CoOp, MaPLe, SharedSeparate  # noqa: E402
@@ -91,6 +92,9 @@ def _images(b: int, size: int = 128, seed: int = 0) -> torch.Tensor:
 def test_positional_encodings_match_loop_statements():
     assert (sine_position_1d(8, 6) - pos1d_loops(8, 6)).abs().max() < 1e-6
     assert (sine_position_2d(16, 3, 5) - pos2d_loops(16, 3, 5)).abs().max() < 1e-6
+    grid, words = pos_tables(16, 3, 5, 6)  # the benchmark reference's fast tables
+    assert (grid - pos2d_loops(16, 3, 5)).abs().max() < 1e-6
+    assert (words - pos1d_loops(16, 6)).abs().max() < 1e-6
     with pytest.raises(ValueError, match="divisible by 4"):
         sine_position_2d(6, 2, 2)
 

@@ -518,8 +518,8 @@ class CRIS(VLSM):
         converted, _ = convert_cris_state_dict(state)
         source = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else "state dict"
         load_state_dict_strict(model, converted, source=str(source))
-        if isinstance(checkpoint, (str, os.PathLike)):
-            model._mark_source(checkpoint, None)
+        # name_or_path stays None: a .pth is not a folder VLSM.from_pretrained can reload (a tuned
+        # model needs its base saved with save_pretrained first)
         return model.eval()
 
     @classmethod
