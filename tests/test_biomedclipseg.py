@@ -167,6 +167,9 @@ def test_tapped_blocks_are_a_config_value(biomedclip, model_d):
 
 
 def test_decoder_widths_are_adapted(model_d, tmp_path):
+    import copy
+
+    model_d = copy.deepcopy(model_d)  # the module's fixture stays as loaded
     hf = _hf_clipseg(tmp_path / "wide", 3, vision_width=48)  # reduces read 48-wide activations
     before = {k: v.clone() for k, v in model_d.decoder.state_dict().items()}
     report = model_d.load_clipseg_decoder(tmp_path / "wide")
@@ -260,3 +263,30 @@ def test_default_task_is_medvlsm_loss():
     task = vlsegkit.create_model("biomedclipseg-tiny").default_task()
     assert (task.loss.dice_weight, task.loss.bce_weight, task.loss.smooth) == (1.0, 0.2, 1e-5)
     assert task.threshold == 0.5
+
+
+def test_loads_by_repo_id_from_a_hub_cache_offline(biomedclip, clipseg_dir, model_d, tmp_path):
+    import shutil
+
+    from vlsegkit.testing import populate_hub_cache
+
+    _, root = biomedclip
+    _, hf_dir = clipseg_dir
+    repo = tmp_path / "repo"
+    shutil.copytree(root, repo)
+    config = json.loads((repo / "open_clip_config.json").read_text())
+    config["model_cfg"]["text_cfg"]["hf_model_name"] = "tiny/bert"  # the BERT config's own repo
+    (repo / "open_clip_config.json").write_text(json.dumps(config))
+    cache = tmp_path / "cache"
+    populate_hub_cache(repo, cache, "tiny/biomedclip")
+    populate_hub_cache(root, cache, "tiny/bert")
+    populate_hub_cache(hf_dir, cache, "tiny/clipseg")
+    model = BiomedCLIPSeg.from_biomedclip(
+        "hf-hub:tiny/biomedclip", clipseg_decoder="tiny/clipseg", cache_dir=cache,
+        local_files_only=True, extract_layers=(2, 3, 4), **DECODER,
+    )  # fmt: skip
+    assert model.name_or_path == "tiny/biomedclip"
+    ours, theirs = model.state_dict(), model_d.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with pytest.raises(Exception, match=r"(?i)disk cache|not found"):  # hub's offline error
+        BiomedCLIPSeg.from_biomedclip("tiny/missing", cache_dir=cache, local_files_only=True)
