@@ -261,6 +261,13 @@ def test_bare_and_safetensors_checkpoints_load_the_same(released, model, tmp_pat
         assert all(torch.equal(loaded[k], expected[k]) for k in expected)
 
 
+def test_from_released_with_model_owned_hooks(released, model):
+    owned = CRIS.from_released(released, num_head=4, hooks=[CoOp(num_context=2, init=None)])
+    assert owned.config["hooks"][0]["args"]["text_width"] == 64
+    ours = owned.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in model.state_dict().items())
+
+
 def test_from_released_errors(released, tmp_path):
     with pytest.raises(ValueError, match="vis_dim=32 contradicts the checkpoint"):
         CRIS.from_released(released, vis_dim=32)
@@ -429,6 +436,27 @@ def test_frozen_backbone_keeps_its_batchnorm_statistics(drift):
     assert not all(torch.equal(a, b) for a, b in zip(neck_before, _bn_stats(model.neck)))
     model.freeze_backbone(False).train()
     assert all(m.training for m in model.vision_tower.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+@pytest.mark.parametrize("drift", [False, True])
+def test_model_owned_context_with_everything_else_frozen(drift, tmp_path):
+    # TuneVLSeg's released prompt tuning: the whole CRIS frozen, only the context trains
+    torch.manual_seed(0)
+    model = vlsegkit.create_model(
+        "cris-tiny", hooks=[CoOp(depth=1, first_context_twice=True)], update_frozen_bn_stats=drift
+    )
+    model.requires_grad_(False)
+    model.hooks.requires_grad_(True)
+    context = model.hooks[0].context.clone()
+    before = _bn_stats(model)
+    fit(model, _data(model), max_steps=1, lr=1e-2, progress=False)
+    assert not torch.equal(context, model.hooks[0].context)
+    assert all(torch.equal(a, b) for a, b in zip(before, _bn_stats(model))) is not drift
+    model.save_pretrained(tmp_path)
+    again = vlsegkit.VLSM.from_pretrained(tmp_path)
+    assert again.hooks[0].first_context_twice and torch.equal(
+        again.hooks[0].context, model.hooks[0].context
+    )
 
 
 def test_trains_through_fit_with_medvlsm_loss():

@@ -495,7 +495,7 @@ class CRIS(VLSM):
         Widths, depths and resolutions come from tensor shapes (CLIP's ``build_model`` rules);
         ``overrides`` give the rest with CRIS.pytorch's config names -- ``word_len`` (77),
         ``num_head`` (8), ``dropout`` (0.1) -- or any other constructor argument (``image_size``,
-        ``freeze_backbone``, ...). Overriding a shape-derived value (``fpn_in``, ``fpn_out``,
+        ``freeze_backbone``, ``hooks`` -- bound after the checkpoint is loaded, so they start fresh). Overriding a shape-derived value (``fpn_in``, ``fpn_out``,
         ``vis_dim``, ``word_dim``, ``num_layers``, ``dim_ffn``) with a different value is an error.
 
         Returns:
@@ -514,10 +514,14 @@ class CRIS(VLSM):
                     f"{name}={overrides[name]!r} contradicts the checkpoint, whose shapes give "
                     f"{name}={config[name]!r}"
                 )
+        hooks = overrides.pop("hooks", ())
         model = cls(**{**config, **overrides})
         converted, _ = convert_cris_state_dict(state)
         source = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else "state dict"
         load_state_dict_strict(model, converted, source=str(source))
+        if hooks:  # model-owned hooks start fresh on the released weights
+            model.hooks = model._bind_hooks(hooks)
+            model._set_config_arg(hooks=list(model.hooks))
         # name_or_path stays None: a .pth is not a folder VLSM.from_pretrained can reload (a tuned
         # model needs its base saved with save_pretrained first)
         return model.eval()
