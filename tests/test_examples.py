@@ -50,8 +50,47 @@ def test_cotexnet_example(tmp_path, capsys):
     assert "lesion area, located in the" in out and "text-free dice" in out
 
 
+def test_finetune_cris_example(tmp_path):
+    result = _load("finetune_cris").main(
+        ["--epochs", "1", "--train-size", "8", "--out", str(tmp_path / "m")]
+    )
+    assert 0.0 <= result["after"]["dice"] <= 1.0
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_prompt_tune_cris_example(tmp_path, capsys):
+    result = _load("finetune_cris").main(
+        ["--epochs", "1", "--train-size", "8", "--learner", "coop", "--first-context-twice",
+         "--out", str(tmp_path / "t")]
+    )  # fmt: skip
+    assert result["history"].steps == 1
+    assert "TunedModel" in capsys.readouterr().out
+    assert (tmp_path / "t" / "base" / "model.safetensors").is_file()
+    import vlsegkit
+
+    tuned = vlsegkit.VLSM.from_pretrained(tmp_path / "t")
+    assert tuned.learner.first_context_twice
+
+
+def test_biomedclipseg_example(tmp_path, capsys):
+    result = _load("biomedclipseg").main(
+        ["--epochs", "1", "--train-size", "8", "--out", str(tmp_path / "b")]
+    )
+    assert 0.0 <= result["after"]["dice"] <= 1.0
+    assert "clipseg decoder on blocks (2, 3, 4)" in capsys.readouterr().out
+    assert (tmp_path / "b" / "config.json").is_file()
+
+
 @pytest.mark.parametrize(
-    "name", ["step_towers", "finetune_clipseg", "compose", "cotexnet_text_free"]
+    "name",
+    [
+        "step_towers",
+        "finetune_clipseg",
+        "compose",
+        "cotexnet_text_free",
+        "finetune_cris",
+        "biomedclipseg",
+    ],
 )
 def test_examples_have_docstrings(name):
     assert _load(name).__doc__.strip()

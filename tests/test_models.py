@@ -42,7 +42,8 @@ PROMPTS = ["a small round lesion", "two polyps", "nothing here"]
 
 def test_tiny_models_are_registered():
     # the suite below must not silently test nothing
-    assert {"clipseg-tiny", "medclipseg-tiny"} <= set(TINY)
+    assert {"clipseg-tiny", "medclipseg-tiny", "cris-tiny", "biomedclipseg-tiny",
+            "biomedclipseg-d-tiny"} <= set(TINY)  # fmt: skip
 
 
 def _model(name: str, seed: int = 0, **kwargs):
@@ -137,10 +138,11 @@ def test_gradients_reach_exactly_the_trainable_parameters(name):
 def test_freeze_backbone(name):
     model = _model(name)
     towers = [*model.vision_tower.parameters(), *model.text_tower.parameters()]
-    # the papers' recipes: segmenters train on frozen towers; contrastive fine-tuning trains the
-    # towers themselves (MedCLIP-SAMv2)
-    frozen = not isinstance(model, SupportsRetrieval)
-    assert all(p.requires_grad != frozen for p in towers)
+    # each paper's recipe: frozen towers (CLIPSeg, MedCLIPSeg, BiomedCLIPSeg), fine-tuned (CRIS)
+    frozen = model.config["freeze_backbone"]
+    assert all(p.requires_grad is not frozen for p in towers)
+    model.freeze_backbone()
+    assert all(not p.requires_grad for p in towers)
     model.freeze_backbone(False)
     assert all(p.requires_grad for p in towers)
     assert model.config["freeze_backbone"] is False  # a rebuild repeats it
@@ -265,7 +267,16 @@ def test_every_hook_attaches_trains_and_changes_only_its_weights(name, hook_name
     base = _model(name)
     assert isinstance(base, SupportsHooks)
     hook = _hook(hook_name)
-    if (hook.lockstep or hook.pairs_text_with_images) and not base.hook_slots().lockstep:
+    slots = base.hook_slots()
+    missing = [t for t in hook.towers if t not in slots.towers]
+    if missing:
+        # e.g. a vision hook on CRIS's ResNet: refused with the model's reason, the base untouched
+        with pytest.raises(ValueError, match=f"acts on the {missing[0]} tower.*no hook slots"):
+            hook.attach(base)
+        assert slots.unavailable[missing[0]]  # the model says why
+        assert all(p.requires_grad for p in base.trainable_parameters())
+        return
+    if (hook.lockstep or hook.pairs_text_with_images) and not slots.lockstep:
         pytest.skip(f"{name} embeds texts independently of images; {hook_name} pairs them")
     before = {k: v.clone() for k, v in base.state_dict().items()}
     tuned = hook.attach(base)

@@ -38,6 +38,8 @@ __all__ = [
 #: Modules whose import registers the built-in models, model types and hooks.
 _BUILTIN_MODULES = (
     "vlsegkit.models.clipseg",
+    "vlsegkit.models.biomedclipseg",
+    "vlsegkit.models.cris",
     "vlsegkit.models.medclipseg",
     "vlsegkit.models.cotexnet",
     "vlsegkit.models.dual_encoder",

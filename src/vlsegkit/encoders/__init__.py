@@ -7,11 +7,14 @@
 - open_clip: :class:`OpenCLIPVisionTower` (built-in ViT), :class:`OpenCLIPTextTower`,
   :class:`TimmViTTower` (open_clip's timm trunk, BiomedCLIP-style), :class:`HFBertTextTower`
   (open_clip's Hugging Face BERT text encoder); :func:`towers_from_open_clip` builds both.
+- open_clip CLIP ResNet: :class:`OpenCLIPResNetTower` -- not a token tower: multi-scale feature maps
+  (:class:`ResNetFeatures`) and attention pooling, for dense decoders such as CRIS's.
 """
 
 from .base import TokenState, Tower, TowerOutput, attention_bias
 from .factory import (
     BertText,
+    OpenCLIPResNet,
     OpenCLIPSpec,
     OpenCLIPText,
     OpenCLIPViT,
@@ -31,6 +34,7 @@ from .open_clip import (
     TimmViTTower,
     towers_from_open_clip,
 )
+from .open_clip_resnet import OpenCLIPResNetTower, ResNetFeatures
 from .runner import TowerRun, check_layers, embed_tower, run_towers
 
 __all__ = [
@@ -39,11 +43,14 @@ __all__ = [
     "HFCLIPTextTower",
     "HFCLIPVisionTower",
     "HookSlots",
+    "OpenCLIPResNet",
+    "OpenCLIPResNetTower",
     "OpenCLIPSpec",
     "OpenCLIPText",
     "OpenCLIPTextTower",
     "OpenCLIPViT",
     "OpenCLIPVisionTower",
+    "ResNetFeatures",
     "RunContext",
     "Tap",
     "TimmViT",

@@ -6,13 +6,15 @@ come from a checkpoint) and wraps them in steppable towers. One spec class per b
 
 * :class:`TransformersCLIPSpec` -- transformers ``CLIPModel`` / ``CLIPSegModel`` towers.
 * :class:`OpenCLIPSpec` -- an open_clip model assembled from a vision part
-  (:class:`OpenCLIPViT`, open_clip's built-in ViT; or :class:`TimmViT`, a timm trunk as in
-  BiomedCLIP) and a text part (:class:`OpenCLIPText`, the CLIP text transformer; or
-  :class:`BertText`, open_clip's Hugging Face BERT encoder, as in BiomedCLIP / UniMedCLIP).
+  (:class:`OpenCLIPViT`, open_clip's built-in ViT; :class:`TimmViT`, a timm trunk as in
+  BiomedCLIP; or :class:`OpenCLIPResNet`, CLIP's ResNet for CRIS) and a text part
+  (:class:`OpenCLIPText`, the CLIP text transformer; or :class:`BertText`, open_clip's Hugging Face
+  BERT encoder, as in BiomedCLIP / UniMedCLIP).
 
 Each spec converts to and from a plain dict (``spec.to_dict()`` / :func:`tower_spec_from_dict`),
-which is what ``config.json`` stores. A convolutional vision part with multi-scale feature maps (CLIP
-ResNet, for CRIS) is one more vision spec class in this module.
+which is what ``config.json`` stores. The convolutional vision part (:class:`OpenCLIPResNet`) gives a
+:class:`~vlsegkit.encoders.OpenCLIPResNetTower`: multi-scale feature maps and attention pooling
+instead of a token sequence, so it is not stepped by the runner.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .base import Tower
 
 __all__ = [
     "BertText",
+    "OpenCLIPResNet",
     "OpenCLIPSpec",
     "OpenCLIPText",
     "OpenCLIPViT",
@@ -66,7 +69,8 @@ class Towers:
     """What :func:`create_towers` returns.
 
     Attributes:
-        vision: the vision tower.
+        vision: the vision tower (an :class:`~vlsegkit.encoders.OpenCLIPResNetTower` for a
+            :class:`OpenCLIPResNet` vision part: feature maps, not a token tower).
         text: the text tower.
         make_tokenizer: ``make_tokenizer(context_length) -> PromptTokenizer`` for the text tower, or
             None when the vocabulary must come from files (BERT: pass a tokenizer folder / Hub id).
@@ -75,7 +79,7 @@ class Towers:
             (``"vision.<...>"`` / ``"text.<...>"``), for converting upstream checkpoints.
     """
 
-    vision: Tower
+    vision: Tower | nn.Module
     text: Tower
     make_tokenizer: Callable[[int], Any] | None = None
     image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
@@ -235,6 +239,28 @@ class TimmViT:
 
 
 @dataclass(frozen=True)
+class OpenCLIPResNet:
+    """open_clip's CLIP ResNet (``ModifiedResNet``: RN50, RN101, ...), CRIS's image encoder.
+
+    ``cfg`` holds ``CLIPVisionCfg`` fields: ``layers`` (four block counts, e.g. ``[3, 4, 6, 3]`` for
+    RN50), ``width`` (stem width, 64), ``head_width`` (attention-pool head width, 64) and
+    ``image_size`` (pretraining size, 224: the attention pool's position grid is ``image_size / 32``).
+    Builds an :class:`~vlsegkit.encoders.OpenCLIPResNetTower`.
+    """
+
+    cfg: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        layers = self.cfg.get("layers")
+        if (
+            not isinstance(layers, (list, tuple))
+            or len(layers) != 4
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in layers)
+        ):
+            raise ValueError(f"vision_cfg.layers must be four positive ints, got {layers!r}")
+
+
+@dataclass(frozen=True)
 class OpenCLIPText:
     """open_clip's CLIP ``TextTransformer``: ``cfg`` holds ``CLIPTextCfg`` fields."""
 
@@ -263,27 +289,29 @@ class OpenCLIPSpec(TowerSpec):
 
     Args:
         embed_dim: joint embedding width ``E``.
-        vision: :class:`OpenCLIPViT` or :class:`TimmViT`.
+        vision: :class:`OpenCLIPViT`, :class:`TimmViT` or :class:`OpenCLIPResNet`.
         text: :class:`OpenCLIPText` or :class:`BertText`.
         quick_gelu: QuickGELU activations (OpenAI-trained weights).
 
     ``to_dict()`` gives the flat form stored in ``config.json``::
 
         {"kind": "open_clip", "embed_dim": 512, "quick_gelu": true,
-         "vision_cfg": {...},                            # OpenCLIPViT / TimmViT cfg
+         "vision_cfg": {...},                            # OpenCLIPViT / TimmViT / OpenCLIPResNet
          "text_cfg": {...}                               # OpenCLIPText, or
          "bert_config": {...}, "text_proj": "mlp", "text_pooler": "..."}   # BertText
     """
 
     kind: ClassVar[str] = "open_clip"
     embed_dim: int
-    vision: OpenCLIPViT | TimmViT
+    vision: OpenCLIPViT | TimmViT | OpenCLIPResNet
     text: OpenCLIPText | BertText
     quick_gelu: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.vision, (OpenCLIPViT, TimmViT)):
-            raise ValueError(f"vision must be OpenCLIPViT or TimmViT, got {self.vision!r}")
+        if not isinstance(self.vision, (OpenCLIPViT, TimmViT, OpenCLIPResNet)):
+            raise ValueError(
+                f"vision must be OpenCLIPViT, TimmViT or OpenCLIPResNet, got {self.vision!r}"
+            )
         if not isinstance(self.text, (OpenCLIPText, BertText)):
             raise ValueError(f"text must be OpenCLIPText or BertText, got {self.text!r}")
         if isinstance(self.vision, TimmViT) and self.vision.cfg.get("timm_model_pretrained"):
@@ -328,9 +356,13 @@ class OpenCLIPSpec(TowerSpec):
         if ("text_cfg" in spec) == ("bert_config" in spec):
             raise ValueError(f"{where}: give exactly one of 'text_cfg' and 'bert_config'")
         vision_cfg = _plain(spec["vision_cfg"], f"{where} vision_cfg")
-        vision = (
-            TimmViT(vision_cfg) if vision_cfg.get("timm_model_name") else OpenCLIPViT(vision_cfg)
-        )
+        vision: OpenCLIPViT | TimmViT | OpenCLIPResNet
+        if vision_cfg.get("timm_model_name"):
+            vision = TimmViT(vision_cfg)
+        elif isinstance(vision_cfg.get("layers"), (list, tuple)):
+            vision = OpenCLIPResNet(vision_cfg)  # four stage depths: a CLIP ResNet
+        else:
+            vision = OpenCLIPViT(vision_cfg)
         if "text_cfg" in spec:
             text: OpenCLIPText | BertText = OpenCLIPText(
                 _plain(spec["text_cfg"], f"{where} text_cfg")
@@ -398,14 +430,19 @@ class OpenCLIPSpec(TowerSpec):
 
     def build(self) -> Towers:
         from open_clip.model import _build_text_tower, _build_vision_tower
+        from open_clip.modified_resnet import ModifiedResNet
         from open_clip.timm_model import TimmModel
 
         from ..tokenizers import CLIPTokenizer
         from .open_clip import OpenCLIPTextTower, OpenCLIPVisionTower, TimmViTTower
 
         visual = _build_vision_tower(self.embed_dim, dict(self.vision.cfg), self.quick_gelu)
-        vision: Tower
-        if isinstance(visual, TimmModel):
+        vision: Tower | nn.Module
+        if isinstance(visual, ModifiedResNet):
+            from .open_clip_resnet import OpenCLIPResNetTower
+
+            vision = OpenCLIPResNetTower(visual)
+        elif isinstance(visual, TimmModel):
             vision = TimmViTTower(visual)
         else:
             vision = OpenCLIPVisionTower(visual)
@@ -483,7 +520,7 @@ def create_towers(spec: TowerSpec | Mapping[str, Any]) -> Towers:
     return tower_spec_from_dict(spec).build()
 
 
-def _keys_by_identity(upstream: nn.Module, vision: Tower, text: Tower) -> dict[str, str]:
+def _keys_by_identity(upstream: nn.Module, vision: nn.Module, text: nn.Module) -> dict[str, str]:
     """Map every upstream parameter / buffer name to the tower-relative name of the same tensor."""
     ours: dict[int, str] = {}
     for prefix, tower in (("vision", vision), ("text", text)):

@@ -63,6 +63,12 @@ class HookSlots:
         tokenizer: the model's prompt tokenizer (phrase initialisation of text contexts), or None.
         lockstep: the model can step its towers together with one text row per image
             (needed by hooks with ``lockstep = True``).
+        unavailable: towers the model has but offers no hook slots in, with the reason (CRIS's
+            convolutional vision tower has no token sequence); a hook acting on one of them fails
+            to bind with that reason (:meth:`require`).
+        image_features_dim: width of ``ctx.image_features`` the model gives hooks with
+            ``needs_image_features``, when there is no ``"vision"`` token tower to read it from
+            (None: the vision tower's ``embed_dim``).
     """
 
     towers: dict[str, Tower]
@@ -71,10 +77,27 @@ class HookSlots:
     condition_dim: int | None = None
     tokenizer: Any = None
     lockstep: bool = True
+    unavailable: dict[str, str] = field(default_factory=dict)
+    image_features_dim: int | None = None
 
     def depth(self, tower: str) -> int:
         """Number of blocks of ``tower`` the model runs."""
         return self.depths.get(tower, self.towers[tower].num_layers)
+
+    def require(self, hook: TowerHook) -> None:
+        """Check that every tower ``hook`` acts on is offered here.
+
+        Raises:
+            ValueError: naming the hook, the tower and the model's reason (``unavailable``).
+        """
+        for name in hook.towers:
+            if name in self.towers:
+                continue
+            reason = self.unavailable.get(name, f"the model has no {name} tower")
+            raise ValueError(
+                f"{type(hook).__name__} acts on the {name} tower, where this model offers no hook "
+                f"slots: {reason}"
+            )
 
 
 @dataclass

@@ -419,6 +419,14 @@ class OpenCLIPTextTower(Tower):
         """Every token except the context through ``ln_final`` and the projection -> ``(B, L, E)``."""
         return _project(self.text.ln_final(state.without_prompts()), self.text.text_projection)
 
+    def final_tokens(self, state: TokenState) -> Tensor:
+        """Every token, context included, through ``ln_final`` only -> ``(B, N, D)``.
+
+        The unprojected word features of ``CLIP.encode_text`` before pooling (what CRIS's
+        vision-language decoder cross-attends to).
+        """
+        return self.text.ln_final(state.tokens)
+
 
 # ---------------------------------------------------------------------------- timm ViT (TimmModel)
 class TimmViTTower(Tower):

@@ -2,6 +2,7 @@
 trains), their outputs and capabilities."""
 
 from .base import VLSM, eval_mode, parse_text_prompts, prompts_per_image
+from .biomedclipseg import BiomedCLIPSeg
 from .capabilities import (
     SupportsDecoderFeatures,
     SupportsHooks,
@@ -11,15 +12,19 @@ from .capabilities import (
 )
 from .clipseg import CLIPSeg
 from .cotexnet import CoTexNet, CoTexNetOutput
+from .cris import CRIS, CRISOutput
 from .dual_encoder import DualEncoder, DualEncoderOutput
 from .medclipseg import MedCLIPSeg, MedCLIPSegPrefix
 from .outputs import CLIPSegOutput, MedCLIPSegOutput, SegmentationOutput
 from .tuned import TunedModel, load_tuned
 
 __all__ = [
+    "CRIS",
     "VLSM",
+    "BiomedCLIPSeg",
     "CLIPSeg",
     "CLIPSegOutput",
+    "CRISOutput",
     "CoTexNet",
     "CoTexNetOutput",
     "DualEncoder",

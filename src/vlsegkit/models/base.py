@@ -319,7 +319,9 @@ class VLSM(RecordsConfig, nn.Module):
                 hook = hook_from_config(hook)
             if not isinstance(hook, TowerHook):
                 raise TypeError(f"hooks must be TowerHook instances or configs, got {hook!r}")
-            bound.append(hook.bind(self.hook_slots()))
+            slots = self.hook_slots()
+            slots.require(hook)  # a clear error for a tower the model cannot offer hooks
+            bound.append(hook.bind(slots))
         return nn.ModuleList(bound)
 
     def _run_hooks(self, extra: Sequence[TowerHook]) -> tuple[TowerHook, ...]:

@@ -21,6 +21,7 @@ from ..decoders.film import FiLMDecoder
 from ..encoders.factory import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    TowerSpec,
     TransformersCLIPSpec,
     create_towers,
     tower_spec_from_dict,
@@ -109,15 +110,17 @@ class CLIPSeg(VLSM):
         hooks: Sequence[TowerHook | dict] = (),
     ) -> None:
         super().__init__()
-        spec = _backbone_spec(backbone)
+        spec = self._backbone_spec(backbone)
+        self._spec = spec
         self._set_config_arg(backbone=spec.to_dict())
         towers = create_towers(spec)
         self.vision_tower, self.text_tower = towers.vision, towers.text
-        # transformers names (``clip.*``) -> ours, for checkpoint conversion
-        self._foreign_keys = {
-            f"clip.{upstream}": _TOWER_ATTR[ours.split(".", 1)[0]] + "." + ours.split(".", 1)[1]
+        # upstream names (transformers' CLIPSegModel, open_clip's CLIP) -> ours, for conversion
+        self._upstream_keys = {
+            upstream: _TOWER_ATTR[ours.split(".", 1)[0]] + "." + ours.split(".", 1)[1]
             for upstream, ours in towers.upstream_keys.items()
         }
+        self._foreign_keys = {f"clip.{k}": v for k, v in self._upstream_keys.items()}
         layers = tuple(int(i) for i in extract_layers)
         if not layers or list(layers) != sorted(layers):
             raise ValueError(f"extract_layers must be non-empty and increasing, got {layers}")
@@ -134,12 +137,13 @@ class CLIPSeg(VLSM):
             patch_size=self.vision_tower.patch_size,
             conditional_layer=conditional_layer,
             complex_upsampler=complex_upsampler,
-            eps=spec.layer_norm_eps,
+            eps=self._decoder_eps(spec),
         )
         self.image_size, self.image_mean, self.image_std = preprocessing_args(
             image_size, image_mean, image_std
         )
-        self.tokenizer = towers.make_tokenizer(self.text_tower.max_positions)
+        self._make_tokenizer = towers.make_tokenizer
+        self.tokenizer = self._default_tokenizer()
         #: Width of the decoder features ``forward(output_decoder_features=True)`` returns.
         self.decoder_feature_dim = reduce_dim
         #: Recompute tower block activations in backward instead of storing them (saves memory
@@ -149,6 +153,24 @@ class CLIPSeg(VLSM):
             self.freeze_backbone()
         self.hooks = self._bind_hooks(hooks)
 
+    # ------------------------------------------------------------------ backbone specifics
+    @classmethod
+    def _backbone_spec(cls, backbone: Any) -> TowerSpec:
+        """The typed backbone spec this class accepts (CLIPSeg: transformers CLIP towers)."""
+        return _backbone_spec(backbone)
+
+    @staticmethod
+    def _decoder_eps(spec: TowerSpec) -> float:
+        """LayerNorm epsilon of the decoder (transformers' CLIPSeg uses the vision tower's)."""
+        return spec.layer_norm_eps
+
+    def _default_tokenizer(self) -> Any:
+        """The tokenizer set at construction (CLIP BPE for the CLIP text tower)."""
+        return self._make_tokenizer(self.text_tower.max_positions)
+
+    def _slot_tokenizer(self) -> Any:
+        return self.tokenizer
+
     def hook_slots(self) -> HookSlots:
         """Towers, the decoder's kept vision blocks and the conditional-embedding width."""
         return HookSlots(
@@ -156,7 +178,7 @@ class CLIPSeg(VLSM):
             kept={"vision": self.extract_layers},
             depths={"vision": self.extract_layers[-1] + 1},
             condition_dim=self.vision_tower.embed_dim,
-            tokenizer=self.tokenizer,
+            tokenizer=self._slot_tokenizer(),
         )
 
     # ------------------------------------------------------------------ conditions

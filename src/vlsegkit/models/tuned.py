@@ -167,8 +167,10 @@ class TunedModel(VLSM):
         built = [hook_from_config(h) if isinstance(h, dict) else h for h in hooks]
         if not built or not all(isinstance(h, TowerHook) for h in built):
             raise TypeError(f"hooks must be TowerHook instances or their configs, got {hooks!r}")
-        base.requires_grad_(False)
         slots = base.hook_slots()
+        for hook in built:
+            slots.require(hook)  # a clear error for a tower the base cannot offer hooks
+        base.requires_grad_(False)
         self.base = base
         self.hooks = nn.ModuleList(h.bind(slots) for h in built)
         self.upsampler = self._make_upsampler(base, upsampler)

@@ -242,6 +242,12 @@ class ContextLearner(TowerHook):
                 vision_layers=vision_tower.num_layers,
                 image_dim=vision_tower.embed_dim,
             )
+        if slots is not None:
+            # models whose vision tower is not a token tower (CRIS's ResNet): name the reason, and
+            # take the image-feature width (CoCoOp) from the slots
+            slots.require(self)
+            if slots.image_features_dim is not None:
+                found["image_dim"] = int(slots.image_features_dim)
         for key in self.required_dims:
             if key not in found:
                 continue

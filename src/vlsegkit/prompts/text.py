@@ -11,14 +11,24 @@
 The context sits after the start token (BOS / [CLS]) -- the convention of CoOp's code and of
 TuneVLSeg's released code -- and the class name follows it, so every class of a task shares the
 learned context.
+
+Deep-prompt schedule. The paper (TuneVLSeg eq. 5-6) gives fresh contexts to J blocks: ``P_0`` at the
+input of block 0 and ``P_i`` before block ``i`` for ``1 <= i < J``. TuneVLSeg's released CRIS code
+overwrites the slots *after* block ``i`` with ``P_i`` for ``i < J``, so ``P_0`` enters block 0 and
+again block 1, then ``P_{i-1}`` enters block ``i`` up to block J: J + 1 blocks receive prompts.
+``first_context_twice=True`` reproduces that (for checkpoints and numbers of the released CRIS code);
+the default is the paper's schedule.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from ..encoders.base import TokenState
+from ..encoders.hooks import RunContext
 from .base import ContextLearner, PromptSet, TextOverflow, _check_image_features
 from .projector import PromptProjector
 
@@ -35,10 +45,13 @@ class CoOp(ContextLearner):
 
     Args:
         num_context: ``B`` (None: the token count of ``init``, else 4).
-        depth: ``J``, ``1 <= J <= text_layers``.
+        depth: ``J``, ``1 <= J <= text_layers`` (``< text_layers`` with ``first_context_twice``).
         init: phrase initialising ``P_0`` (TuneVLSeg / CoOp: ``"a photo of a"``; None: Gaussian).
         init_std: std of the Gaussian initialisation.
         overflow: see :class:`~vlsegkit.prompts.ContextLearner`.
+        first_context_twice: TuneVLSeg's released CRIS schedule (see the module docstring): ``P_0``
+            before blocks 0 and 1, ``P_{i-1}`` before block ``i <= J`` (J + 1 prompted blocks).
+            Default False: the paper's J blocks.
         text_width, text_layers: text tower sizes (read by ``bind`` / ``attach`` when omitted).
 
     Example:
@@ -59,9 +72,11 @@ class CoOp(ContextLearner):
         init: str | None = "a photo of a",
         init_std: float = 0.02,
         overflow: TextOverflow = "truncate",
+        first_context_twice: bool = False,
         text_width: int | None = None,
         text_layers: int | None = None,
     ) -> None:
+        self.first_context_twice = _check_flag(first_context_twice, "first_context_twice")
         super().__init__(
             num_context=num_context,
             depth=depth,
@@ -73,7 +88,26 @@ class CoOp(ContextLearner):
         )
 
     def _build(self) -> None:
+        layers = self._dims["text_layers"]
+        if self.first_context_twice and self.depth >= layers:
+            raise ValueError(
+                f"first_context_twice gives prompts to depth + 1 blocks: depth={self.depth} needs "
+                f"more than the text tower's {layers} blocks (use depth <= {layers - 1})"
+            )
         self.context = self._normal(self.depth, self.num_context, self._dims["text_width"])
+
+    # ------------------------------------------------------------------ deep-prompt schedule
+    def layers(self, tower: str) -> Collection[int]:
+        """Blocks whose input slots get fresh contexts: ``1 .. J-1`` (paper) or ``1 .. J``
+        (``first_context_twice``)."""
+        return range(1, self.depth + 1) if self.first_context_twice else range(1, self.depth)
+
+    def forward(
+        self, i: int, states: dict[str, TokenState], ctx: RunContext
+    ) -> dict[str, TokenState]:
+        """Overwrite the context slots before block ``i`` with ``P_i`` (or ``P_{i-1}``)."""
+        k = i - 1 if self.first_context_twice else i
+        return {name: s.set_prompts(self._deep(name, ctx)[k]) for name, s in states.items()}
 
     def _first_text_context(self) -> Tensor:
         return self.context[0]
@@ -93,7 +127,7 @@ class CoCoOp(CoOp):
     context, so the text tower runs once per (image, prompt) pair -- CoCoOp's known cost.
 
     Args:
-        num_context, depth, init, init_std: as :class:`CoOp`.
+        num_context, depth, init, init_std, first_context_twice: as :class:`CoOp`.
         hidden_dim: meta-net width ``d_int`` (TuneVLSeg searches {32, 64, 96, 128}).
         low_rank: linear rank-``hidden_dim`` meta-net instead of the ReLU MLP.
         norm: LayerNorm after the meta-net (TuneVLSeg ``use_proj_norm``).
@@ -122,6 +156,7 @@ class CoCoOp(CoOp):
         depth: int = 1,
         init: str | None = "a photo of a",
         init_std: float = 0.02,
+        first_context_twice: bool = False,
         hidden_dim: int = 64,
         low_rank: bool = False,
         norm: bool = True,
@@ -135,6 +170,7 @@ class CoCoOp(CoOp):
         self.hidden_dim, self.low_rank, self.norm = hidden_dim, low_rank, norm
         self.final_bias = final_bias
         self.normalize_features = normalize_features
+        self.first_context_twice = _check_flag(first_context_twice, "first_context_twice")
         ContextLearner.__init__(
             self,
             num_context=num_context,
@@ -175,3 +211,9 @@ class CoCoOp(CoOp):
             p[None] + net(f)[:, None] for p, net in zip(self.context.unbind(0), self.meta_nets)
         ]
         return PromptSet(text=contexts)
+
+
+def _check_flag(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    return value
