@@ -59,6 +59,14 @@ _EXPORTS = {
     "CLIPTokenizer": "vlsegkit.tokenizers",
     "TextBatch": "vlsegkit.tokenizers",
     "load_tokenizer": "vlsegkit.tokenizers",
+    # MedCLIP-SAMv2: M2IB attribution, zero-shot pipeline, weak supervision
+    "M2IBAttributor": "vlsegkit.attribution",
+    "MedCLIPSAM": "vlsegkit.zeroshot",
+    "SAMRefiner": "vlsegkit.zeroshot",
+    "SaliencyPrompter": "vlsegkit.zeroshot",
+    "CheckpointEnsemble": "vlsegkit.weak",
+    "CyclicSchedule": "vlsegkit.weak",
+    "PseudoLabelTask": "vlsegkit.weak",
 }
 
 __all__ = [
@@ -69,14 +77,18 @@ __all__ = [
     "CLIPSeg",
     "CLIPSegOutput",
     "CLIPTokenizer",
+    "CheckpointEnsemble",
     "CheckpointError",
     "CoCoOp",
     "CoOp",
+    "CyclicSchedule",
     "DiceBCELoss",
     "FiLMDecoder",
     "HookSlots",
     "LearnableUpsampler",
+    "M2IBAttributor",
     "MaPLe",
+    "MedCLIPSAM",
     "MedCLIPSeg",
     "MedCLIPSegLoss",
     "MedCLIPSegOutput",
@@ -84,7 +96,10 @@ __all__ = [
     "PVLAdapters",
     "PVLAttention",
     "PixelTextHead",
+    "PseudoLabelTask",
     "RunContext",
+    "SAMRefiner",
+    "SaliencyPrompter",
     "SegmentationOutput",
     "SegmentationTask",
     "SharedAttention",
@@ -127,6 +142,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static tools (type checkers, IDEs, mkdocstrings) see the real names
     from .adapters import BottleneckAdapters, PVLAdapters
+    from .attribution import M2IBAttributor
     from .decoders import FiLMDecoder
     from .encoders import HookSlots, RunContext, TokenState, Tower, TowerHook, run_towers
     from .encoders.factory import create_towers
@@ -152,3 +168,5 @@ if TYPE_CHECKING:  # static tools (type checkers, IDEs, mkdocstrings) see the re
     from .tasks import SegmentationTask, Task
     from .tokenizers import BertTokenizer, CLIPTokenizer, TextBatch, load_tokenizer
     from .uncertainty import UncertaintyOutput
+    from .weak import CheckpointEnsemble, CyclicSchedule, PseudoLabelTask
+    from .zeroshot import MedCLIPSAM, SaliencyPrompter, SAMRefiner
