@@ -65,6 +65,8 @@ __all__ = [
     "PseudoLabelTask",
     "export_nnunet_raw",
     "fit_checkpoint_ensemble",
+    "load_snapshot",
+    "save_snapshot",
 ]
 
 
