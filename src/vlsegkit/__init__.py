@@ -78,6 +78,14 @@ _EXPORTS = {
     "CLIPTokenizer": "vlsegkit.tokenizers",
     "TextBatch": "vlsegkit.tokenizers",
     "load_tokenizer": "vlsegkit.tokenizers",
+    # MedCLIP-SAMv2: M2IB attribution, zero-shot pipeline, weak supervision
+    "M2IBAttributor": "vlsegkit.attribution",
+    "MedCLIPSAM": "vlsegkit.zeroshot",
+    "SAMRefiner": "vlsegkit.zeroshot",
+    "SaliencyPrompter": "vlsegkit.zeroshot",
+    "CheckpointEnsemble": "vlsegkit.weak",
+    "CyclicSchedule": "vlsegkit.weak",
+    "PseudoLabelTask": "vlsegkit.weak",
 }
 
 __all__ = [
@@ -93,6 +101,7 @@ __all__ = [
     "CLIPSegOutput",
     "CLIPTokenizer",
     "CRISOutput",
+    "CheckpointEnsemble",
     "CheckpointError",
     "CoCoOp",
     "CoOp",
@@ -101,6 +110,7 @@ __all__ = [
     "CoTexNetOutput",
     "CoTexNetTask",
     "ContrastiveTask",
+    "CyclicSchedule",
     "DCLLoss",
     "DHNNCELoss",
     "DiceBCELoss",
@@ -111,7 +121,9 @@ __all__ = [
     "HookSlots",
     "InfoNCELoss",
     "LearnableUpsampler",
+    "M2IBAttributor",
     "MaPLe",
+    "MedCLIPSAM",
     "MedCLIPSeg",
     "MedCLIPSegLoss",
     "MedCLIPSegOutput",
@@ -119,8 +131,11 @@ __all__ = [
     "PVLAdapters",
     "PVLAttention",
     "PixelTextHead",
+    "PseudoLabelTask",
     "ROIPseudoTokens",
     "RunContext",
+    "SAMRefiner",
+    "SaliencyPrompter",
     "SegmentationOutput",
     "SegmentationTask",
     "SharedAttention",
@@ -165,6 +180,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static tools (type checkers, IDEs, mkdocstrings) see the real names
     from .adapters import BottleneckAdapters, PVLAdapters, ROIPseudoTokens
+    from .attribution import M2IBAttributor
     from .contrastive import ContrastiveTask
     from .decoders import FiLMDecoder
     from .encoders import HookSlots, RunContext, TokenState, Tower, TowerHook, run_towers
@@ -210,3 +226,5 @@ if TYPE_CHECKING:  # static tools (type checkers, IDEs, mkdocstrings) see the re
     from .tasks import SegmentationTask, Task
     from .tokenizers import BertTokenizer, CLIPTokenizer, TextBatch, load_tokenizer
     from .uncertainty import UncertaintyOutput
+    from .weak import CheckpointEnsemble, CyclicSchedule, PseudoLabelTask
+    from .zeroshot import MedCLIPSAM, SaliencyPrompter, SAMRefiner

@@ -7,6 +7,7 @@ Commands::
     vlsegkit evaluate MODEL [--data synthetic|PATH] [--threshold T] [--json FILE|-]
     vlsegkit predict MODEL IMAGE [IMAGE ...] --prompt TEXT [--prompt TEXT ...] [--out DIR]
     vlsegkit demo [--out DIR] [--epochs N]
+    vlsegkit zeroshot IMAGE [IMAGE ...] --prompt TEXT [--clip ID|DIR] [--sam ID|DIR] [--out DIR]
 
 ``MODEL`` is a registry name (``vlsegkit models``; random weights unless ``--pretrained``), a folder
 written by ``save_pretrained`` (e.g. ``train``'s ``OUT/model``) or a Hub repository id
@@ -900,6 +901,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also train medclipseg-tiny briefly and draw its uncertainty maps",
     )
     p.set_defaults(_func=_cmd_demo, _parser=p)
+
+    # MedCLIP-SAMv2 zero-shot masks (implemented in vlsegkit._zeroshot_cli)
+    from ._zeroshot_cli import add_zeroshot_parser, cmd_zeroshot
+
+    add_zeroshot_parser(sub, run=lambda args: cmd_zeroshot(args, error=CLIError, failure=_RunError))
     return parser
 
 

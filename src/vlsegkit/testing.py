@@ -24,6 +24,8 @@ __all__ = [
     "MEDICAL_WORDS",
     "clip_bpe_merges_path",
     "populate_hub_cache",
+    "save_tiny_clip",
+    "save_tiny_sam",
     "write_bert_tokenizer_files",
     "write_clip_tokenizer_files",
 ]
@@ -274,6 +276,106 @@ def populate_hub_cache(
     ref.parent.mkdir(parents=True, exist_ok=True)
     ref.write_text(commit, encoding="utf-8")
     return snapshot
+
+
+# --------------------------------------------------------------------------- tiny upstream models
+def save_tiny_clip(
+    directory: str | os.PathLike,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    width: int = 32,
+    layers: int = 3,
+    seed: int = 0,
+) -> Path:
+    """Save a tiny random transformers ``CLIPModel`` with a real CLIP tokenizer, offline.
+
+    The folder has the layout of a Hub CLIP repository (``config.json``, ``model.safetensors``,
+    the tokenizer files of :func:`write_clip_tokenizer_files` and a ``preprocessor_config.json``
+    with OpenAI's normalisation), so ``CLIPModel.from_pretrained`` and
+    ``vlsegkit.tokenizers.load_tokenizer`` read it like ``openai/clip-vit-base-patch16``. The text
+    tower has the full 49408-token vocabulary (its end token, 49407, is the pooling position).
+
+    Args:
+        directory: destination folder (created if needed).
+        image_size, patch_size: vision input side and patch side.
+        width: hidden size of both towers (the joint space is ``width`` wide too).
+        layers: blocks per tower.
+        seed: ``torch.manual_seed`` for the random weights.
+
+    Returns:
+        The destination folder as a ``Path``.
+    """
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    out = Path(directory)
+    torch.manual_seed(seed)
+    common = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                  num_attention_heads=2)  # fmt: skip
+    text = dict(common, vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+                eos_token_id=49407, pad_token_id=49407)  # fmt: skip
+    vision = dict(common, image_size=image_size, patch_size=patch_size)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=width))
+    model.save_pretrained(out)
+    write_clip_tokenizer_files(out)
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    ).save_pretrained(out)
+    return out
+
+
+def save_tiny_sam(
+    directory: str | os.PathLike, *, image_size: int = 64, patch_size: int = 8, seed: int = 0
+) -> Path:
+    """Save a tiny random transformers ``SamModel`` and its ``SamProcessor``, offline.
+
+    Same layout as ``facebook/sam-vit-base`` (``config.json``, ``model.safetensors``,
+    ``preprocessor_config.json``): ``SamModel.from_pretrained`` / ``SamProcessor.from_pretrained``
+    load it. The processor resizes the longest side to ``image_size`` (SAM's 1024) and pads to a
+    square, and the low-resolution masks are ``4 * image_size / patch_size`` wide (SAM's 256).
+
+    Args:
+        directory: destination folder (created if needed).
+        image_size: SAM's input side.
+        patch_size: its patch side.
+        seed: ``torch.manual_seed`` for the random weights.
+
+    Returns:
+        The destination folder as a ``Path``.
+    """
+    import torch
+    from transformers import SamConfig, SamModel, SamProcessor
+    from transformers.models.sam import SamImageProcessor
+
+    out = Path(directory)
+    torch.manual_seed(seed)
+    grid = image_size // patch_size
+    vision = dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=image_size, patch_size=patch_size, window_size=max(1, grid // 2),
+                  global_attn_indexes=[1], mlp_dim=64, num_pos_feats=8)  # fmt: skip
+    prompt = dict(hidden_size=16, image_size=image_size, patch_size=patch_size,
+                  mask_input_channels=4)  # fmt: skip
+    decoder = dict(hidden_size=16, mlp_dim=32, num_hidden_layers=2, num_attention_heads=2,
+                   iou_head_hidden_dim=16)  # fmt: skip
+    config = SamConfig(
+        vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder
+    )
+    SamModel(config).save_pretrained(out)
+    low = 4 * grid
+    processor = SamProcessor(
+        image_processor=SamImageProcessor(
+            size={"longest_edge": image_size},
+            pad_size={"height": image_size, "width": image_size},
+            mask_size={"longest_edge": low},
+            mask_pad_size={"height": low, "width": low},
+        )
+    )
+    processor.save_pretrained(out)
+    return out
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -15,7 +15,8 @@ are refused rather than silently clipped.
 Everything is importable from ``vlsegkit.viz``; the submodules only group the code:
 ``vlsegkit.viz.images`` (conversion, overlays, colour maps, panels, files),
 ``vlsegkit.viz.sheets`` (overlay sheets across the score range, uncertainty sheets),
-``vlsegkit.viz.curves`` (training curves from ``fit``'s epoch records) and
+``vlsegkit.viz.curves`` (training curves from ``fit``'s epoch records),
+``vlsegkit.viz.zeroshot`` (the stages of MedCLIP-SAMv2's zero-shot pipeline) and
 ``vlsegkit.viz.calibration`` (calibration statistics, reliability diagram).
 """
 
@@ -47,6 +48,7 @@ from .sheets import (
     select_examples,
     uncertainty_sheet,
 )
+from .zeroshot import draw_prompts, zeroshot_panel, zeroshot_sheet
 
 __all__ = [
     "COLORMAPS",
@@ -59,6 +61,7 @@ __all__ = [
     "apply_colormap",
     "calibration_curve",
     "dice_per_image",
+    "draw_prompts",
     "heatmap_overlay",
     "overlay_mask",
     "overlay_prediction",
@@ -74,4 +77,6 @@ __all__ = [
     "to_rgb_uint8",
     "training_curves_image",
     "uncertainty_sheet",
+    "zeroshot_panel",
+    "zeroshot_sheet",
 ]
