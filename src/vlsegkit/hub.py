@@ -4,6 +4,14 @@ Everything here reads through ``huggingface_hub`` (so the Hub cache, ``HF_HUB_OF
 ``local_files_only`` behave as users expect) and ``safetensors``. Pickle checkpoints are only read with
 ``torch.load(weights_only=True)``. Files are written to a temporary name and renamed into place, so an
 interrupted save never leaves a truncated checkpoint behind.
+
+Loading holds one copy of the weights: ``from_pretrained`` builds the model inside
+:func:`empty_weights` (parameters on the meta device, no memory), reads the checkpoint memory-mapped
+(safetensors, and zip-format pickles through ``torch.load(mmap=True)``), renames keys without touching
+the tensors, checks everything (:func:`check_state_dict`) and then *assigns* the file's tensors to the
+model (:func:`load_state_dict_strict` with ``assign=True``). The file's pages are read when a weight is
+first used, as with ``transformers``; the finiteness check of safetensors files streams through the file
+in small chunks instead of through the mapping, so it does not keep the whole file resident.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,15 +27,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._loading import assign_state_dict, empty_weights, remember_file_regions, start_finite_check
+from ._loading import non_finite as _non_finite
+
 __all__ = [
     "CheckpointError",
     "atomic_write",
     "check_state_dict",
+    "empty_weights",
     "load_checkpoint_file",
     "load_state_dict_strict",
     "read_json",
     "resolve_file",
     "save_safetensors",
+    "torch_load_weights_only",
     "write_json",
 ]
 
@@ -111,8 +125,22 @@ def save_safetensors(
     return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
 
 
-def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Tensor]:
+def load_checkpoint_file(
+    path: str | os.PathLike, *, check_in_background: bool = False
+) -> dict[str, Tensor]:
     """Load a ``.safetensors`` file, or a pickle through ``torch.load(weights_only=True)``.
+
+    Nothing is copied: safetensors files are memory-mapped by ``safetensors``, zip-format pickles
+    (what ``torch.save`` writes since PyTorch 1.6) are read with ``torch.load(mmap=True)``; legacy
+    pickles are read into memory. The mappings are private (copy-on-write): changing a tensor never
+    changes the file. A tensor's pages are read when it is first used.
+
+    Args:
+        path: the checkpoint file.
+        check_in_background: start checking the floating-point tensors for NaN / inf in a
+            background thread now (reading the file, not the tensors' pages), so that the check of
+            a later :func:`check_state_dict` / :func:`load_state_dict_strict` overlaps building the
+            model.
 
     Raises:
         CheckpointError: the file is truncated, corrupt, or not a flat name → tensor mapping.
@@ -125,31 +153,83 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path), device="cpu")
+            tensors = load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+        remember_file_regions(path, tensors)
+    else:
+        tensors = torch_load_weights_only(path)
+        if (
+            isinstance(tensors, dict)
+            and "state_dict" in tensors
+            and isinstance(tensors["state_dict"], dict)
+        ):
+            tensors = tensors["state_dict"]
+        if not isinstance(tensors, dict) or not all(
+            isinstance(v, Tensor) for v in tensors.values()
+        ):
+            raise CheckpointError(f"{path} does not hold a flat mapping of names to tensors")
+    if check_in_background:
+        start_finite_check(tensors.values())
+    return tensors
+
+
+def torch_load_weights_only(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, memory-mapped when the file allows it.
+
+    Zip-format files (``torch.save``'s default) are mapped (``mmap=True``): tensors are read from the
+    page cache when first used and never copied; legacy (pre-1.6) pickles are read into memory.
+
+    Raises:
+        CheckpointError: the file is corrupt, truncated, or holds anything but tensors and plain
+            Python containers / scalars (``weights_only``).
+    """
+    path = Path(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        mmap = zipfile.is_zipfile(path)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises several unrelated types for corrupt pickles
         raise CheckpointError(f"{path} could not be loaded with weights_only=True: {e}") from e
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} does not hold a flat mapping of names to tensors")
+    if mmap:
+        remember_file_regions(path, obj)
     return obj
 
 
 def load_state_dict_strict(
-    module: nn.Module, state_dict: Mapping[str, Tensor], *, source: str = ""
+    module: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    *,
+    source: str = "",
+    assign: bool = False,
 ):
     """Load ``state_dict`` into ``module``, failing on any missing/unexpected key or shape mismatch.
 
-    Everything is checked (:func:`check_state_dict`) before the first tensor is copied, so a failed
-    load leaves the module untouched. The error message names every offending key (up to 20 of each
-    kind) and the checkpoint source.
+    Everything is checked (:func:`check_state_dict`) before the first tensor is copied or assigned,
+    so a failed load leaves the module untouched. The error message names every offending key (up to
+    20 of each kind) and the checkpoint source.
+
+    Args:
+        module: the module to load into.
+        state_dict: name -> tensor, with exactly ``module.state_dict()``'s keys and shapes.
+        source: where the tensors come from, for error messages.
+        assign: give ``module`` the tensors themselves instead of copying them into its own
+            (``nn.Module.load_state_dict(assign=True)``): one copy of the weights in memory, and the
+            way to fill a module built inside :func:`empty_weights`. A tensor whose dtype, device or
+            memory layout differs from the module's is converted first (what copying would do), tied
+            parameters stay tied, and tensors that share memory in the checkpoint but not in the module
+            get their own memory. ``module`` then owns the tensors: pass freshly read ones (e.g.
+            from :func:`load_checkpoint_file`), not another live model's.
+
+    Raises:
+        CheckpointError: the state dict does not fit (see :func:`check_state_dict`).
+        RuntimeError: with ``assign``, a tensor of ``module`` is still on the meta device after
+            loading (one its constructor neither computed nor finds in the checkpoint).
     """
     check_state_dict(module, state_dict, source=source)
-    module.load_state_dict(state_dict, strict=True)
+    if not assign:
+        module.load_state_dict(state_dict, strict=True)
+        return
+    assign_state_dict(module, state_dict)
 
 
 def check_state_dict(
@@ -181,26 +261,29 @@ def check_state_dict(
         raise CheckpointError(
             f"cannot load checkpoint{where} into {type(module).__name__}; " + "; ".join(problems)
         )
+    where = f" from {source}" if source else ""
     wrong_dtype = [
         f"{k} ({state_dict[k].dtype} for {own[k].dtype})"
         for k in own
         if own[k].is_floating_point() and not state_dict[k].is_floating_point()
     ]
-    non_finite = [
-        k
-        for k in own
-        if state_dict[k].is_floating_point() and not bool(torch.isfinite(state_dict[k]).all())
-    ]
-    for label, items in (("integer tensors for floating-point weights", wrong_dtype),
-                         ("non-finite values (NaN / inf)", non_finite)):  # fmt: skip
-        if items:
-            where = f" from {source}" if source else ""
-            shown = ", ".join(items[:10]) + (
-                f", ... ({len(items)} in all)" if len(items) > 10 else ""
-            )
-            raise CheckpointError(
-                f"cannot load checkpoint{where} into {type(module).__name__}: {label}: {shown}"
-            )
+    _raise_listed(module, where, "integer tensors for floating-point weights", wrong_dtype)
+    try:
+        # tensors mapped from a file are checked by reading the file (see vlsegkit._loading)
+        non_finite = _non_finite(
+            {k: state_dict[k] for k in own if state_dict[k].is_floating_point()}
+        )
+    except OSError as e:  # the file of mapped tensors went away or shrank
+        raise CheckpointError(f"cannot check the values of the checkpoint{where}: {e}") from e
+    _raise_listed(module, where, "non-finite values (NaN / inf)", non_finite)
+
+
+def _raise_listed(module: nn.Module, where: str, label: str, items: list[str]) -> None:
+    if items:
+        shown = ", ".join(items[:10]) + (f", ... ({len(items)} in all)" if len(items) > 10 else "")
+        raise CheckpointError(
+            f"cannot load checkpoint{where} into {type(module).__name__}: {label}: {shown}"
+        )
 
 
 def _looks_like_a_path(text: str) -> bool:

@@ -287,11 +287,62 @@ class CLIPTokenizer(PromptTokenizer):
             pad_token_id: padding id; open_clip and the original CRIS code pad with 0.
             bpe_path: another merges file in the same format; defaults to the bundled one.
         """
-        from open_clip.tokenizer import SimpleTokenizer
+        if bpe_path is None:
+            # the bundled vocabulary is read on first use: importing open_clip and parsing the
+            # merges takes about a second, which a model that is only loaded need not pay
+            tokenizer: Any = _BundledBPE(context_length)
+        else:
+            from open_clip.tokenizer import SimpleTokenizer
 
-        kwargs = {} if bpe_path is None else {"bpe_path": str(bpe_path)}
-        tokenizer = SimpleTokenizer(context_length=context_length, **kwargs)
+            tokenizer = SimpleTokenizer(context_length=context_length, bpe_path=str(bpe_path))
         return cls(tokenizer, context_length=context_length, pad_token_id=pad_token_id)
+
+
+class _BundledBPE:
+    """``open_clip.tokenizer.SimpleTokenizer`` over its bundled OpenAI BPE, built on first use.
+
+    The special ids and the vocabulary size are those of the bundled file (256 byte tokens, their
+    ``</w>`` forms and 48,894 merges, then ``<start_of_text>`` and ``<end_of_text>``), so a
+    :class:`CLIPTokenizer` can be made without reading it; they are checked against the real
+    tokenizer when it is built. Everything else is forwarded to the real tokenizer.
+    """
+
+    sot_token_id = 49406
+    eot_token_id = 49407
+    vocab_size = 49408
+
+    def __init__(self, context_length: int) -> None:
+        self.context_length = context_length
+        self._tokenizer: Any = None
+
+    def _load(self) -> Any:
+        if self._tokenizer is None:
+            from open_clip.tokenizer import SimpleTokenizer
+
+            tokenizer = SimpleTokenizer(context_length=self.context_length)
+            found = (tokenizer.sot_token_id, tokenizer.eot_token_id, tokenizer.vocab_size)
+            if found != (self.sot_token_id, self.eot_token_id, self.vocab_size):
+                raise RuntimeError(
+                    f"open_clip's bundled BPE has (sot, eot, vocab_size) = {found}, not "
+                    f"{(self.sot_token_id, self.eot_token_id, self.vocab_size)}; pass bpe_path="
+                )
+            self._tokenizer = tokenizer
+        return self._tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self._load().encode(text)
+
+    def bpe(self, token: str) -> str:
+        return self._load().bpe(token)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._load()(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for attributes not set above; dunders (copy, pickle) stay unforwarded
+        if name.startswith("__") or "_tokenizer" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self._load(), name)
 
 
 #: Alias of :class:`CLIPTokenizer`, for code that prefers naming the BPE explicitly.

@@ -29,6 +29,7 @@ from ..hub import (
     PICKLE_NAMES,
     SAFETENSORS_NAME,
     CheckpointError,
+    empty_weights,
     load_checkpoint_file,
     load_state_dict_strict,
     read_json,
@@ -555,10 +556,17 @@ class VLSM(RecordsConfig, nn.Module):
 
     @classmethod
     def _from_vlsegkit(cls, id_or_path, config: dict[str, Any], config_path, **hub_kwargs) -> VLSM:
-        """Build from a vlsegkit ``config.json`` and load ``model.safetensors`` strictly."""
-        model = cls.from_config(config)
+        """Build from a vlsegkit ``config.json`` and load ``model.safetensors`` strictly.
+
+        One copy of the weights: the model is built without them (``empty_weights``) while the
+        memory-mapped file is checked for NaN / inf in the background, then takes the file's tensors
+        (``assign=True``).
+        """
         weights = resolve_file(id_or_path, SAFETENSORS_NAME, **hub_kwargs)
-        load_state_dict_strict(model, load_checkpoint_file(weights), source=str(weights))
+        state = load_checkpoint_file(weights, check_in_background=True)
+        with empty_weights():
+            model = cls.from_config(config)
+        load_state_dict_strict(model, state, source=str(weights), assign=True)
         return model._mark_source(id_or_path, hub_kwargs.get("revision")).eval()
 
     #: Where ``from_pretrained`` loaded the weights from (Hub id or folder) and the revision asked
@@ -583,11 +591,12 @@ class VLSM(RecordsConfig, nn.Module):
 
     @staticmethod
     def _load_weights_file(id_or_path, **hub_kwargs) -> tuple[dict[str, Tensor], str]:
-        """State dict from ``model.safetensors``, else ``pytorch_model.bin`` (weights_only)."""
+        """State dict from ``model.safetensors``, else ``pytorch_model.bin`` (weights_only),
+        memory-mapped, with its NaN / inf check started in the background."""
         for name in (SAFETENSORS_NAME, *PICKLE_NAMES):
             path = resolve_file(id_or_path, name, required=False, **hub_kwargs)
             if path is not None:
-                return load_checkpoint_file(path), str(path)
+                return load_checkpoint_file(path, check_in_background=True), str(path)
         raise CheckpointError(
             f"no weights found in {id_or_path}: expected {SAFETENSORS_NAME} or {PICKLE_NAMES[0]}"
         )

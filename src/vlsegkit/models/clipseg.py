@@ -28,7 +28,13 @@ from ..encoders.factory import (
 )
 from ..encoders.hooks import HookSlots, RunContext, TowerHook
 from ..encoders.runner import check_layers, embed_tower, run_towers
-from ..hub import CheckpointError, load_state_dict_strict, read_json, resolve_file
+from ..hub import (
+    CheckpointError,
+    empty_weights,
+    load_state_dict_strict,
+    read_json,
+    resolve_file,
+)
 from ..registry import register_model
 from .base import (
     VLSM,
@@ -427,19 +433,23 @@ class CLIPSeg(VLSM):
         if pre is not None:
             kwargs.update(_preprocessing_from_hf(read_json(pre)))
         spec = TransformersCLIPSpec.from_hf_config(config)
-        # decoder fields of transformers' CLIPSegConfig, with its defaults
-        model = cls(
-            backbone=spec.to_dict(),
-            extract_layers=tuple(config.get("extract_layers", (3, 6, 9))),
-            reduce_dim=int(config.get("reduce_dim", 64)),
-            decoder_num_heads=int(config.get("decoder_num_attention_heads", 4)),
-            decoder_mlp_dim=int(config.get("decoder_intermediate_size", 2048)),
-            conditional_layer=int(config.get("conditional_layer", 0)),
-            complex_upsampler=bool(config.get("use_complex_transposed_convolution", False)),
-            **kwargs,
-        )
         state, source = cls._load_weights_file(id_or_path, **hub_kwargs)
-        load_state_dict_strict(model, model.convert_hf_state_dict(state), source=source)
+        # decoder fields of transformers' CLIPSegConfig, with its defaults; built without weights
+        # (they come from the file, assigned without a copy)
+        with empty_weights():
+            model = cls(
+                backbone=spec.to_dict(),
+                extract_layers=tuple(config.get("extract_layers", (3, 6, 9))),
+                reduce_dim=int(config.get("reduce_dim", 64)),
+                decoder_num_heads=int(config.get("decoder_num_attention_heads", 4)),
+                decoder_mlp_dim=int(config.get("decoder_intermediate_size", 2048)),
+                conditional_layer=int(config.get("conditional_layer", 0)),
+                complex_upsampler=bool(config.get("use_complex_transposed_convolution", False)),
+                **kwargs,
+            )
+        load_state_dict_strict(
+            model, model.convert_hf_state_dict(state), source=source, assign=True
+        )
         return model
 
     def convert_hf_state_dict(self, state: dict[str, Tensor]) -> dict[str, Tensor]:

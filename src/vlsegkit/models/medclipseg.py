@@ -42,7 +42,7 @@ from ..encoders.factory import (
 )
 from ..encoders.hooks import HookSlots, RunContext, TowerHook
 from ..encoders.runner import embed_tower, run_towers
-from ..hub import load_state_dict_strict, resolve_file
+from ..hub import empty_weights, load_state_dict_strict, resolve_file
 from ..layers import PixelTextHead
 from ..registry import register_model
 from ..tokenizers import PromptTokenizer, load_tokenizer
@@ -678,8 +678,10 @@ class MedCLIPSeg(VLSM):
                 token=token,
             )
         state = load_released_state_dict(path)
-        model = cls(**config)
-        load_state_dict_strict(model, convert_released_state_dict(state), source=str(path))
+        with empty_weights():  # one copy of the weights: the file's, assigned
+            model = cls(**config)
+        state = convert_released_state_dict(state)
+        load_state_dict_strict(model, state, source=str(path), assign=True)
         return model._mark_source(checkpoint, revision).eval()
 
 

@@ -15,10 +15,10 @@ import os
 import re
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
-from ..hub import CheckpointError, load_checkpoint_file
+from .._loading import start_finite_check
+from ..hub import CheckpointError, load_checkpoint_file, torch_load_weights_only
 
 __all__ = [
     "RELEASED_KEY_MAP",
@@ -83,8 +83,10 @@ def load_released_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """The model state dict of a released MedCLIPSeg training checkpoint.
 
     The official ``train.py`` saves ``{"model": state_dict, "epoch", "optimizer", "scheduler",
-    "best_loss"}``; the file is read with ``torch.load(weights_only=True)`` (no arbitrary pickle code)
-    and the ``"model"`` (or ``"state_dict"``) entry returned. A flat state dict, pickled or
+    "best_loss"}``; the file is read with ``torch.load(weights_only=True)`` (no arbitrary pickle code),
+    memory-mapped (:func:`vlsegkit.hub.torch_load_weights_only`: the optimiser state is never read),
+    and the ``"model"`` (or ``"state_dict"``) entry returned; its check for NaN / inf starts in the
+    background (picked up by the strict load). A flat state dict, pickled or
     ``.safetensors`` (read by :func:`vlsegkit.hub.load_checkpoint_file`), is accepted as well.
 
     Raises:
@@ -94,11 +96,8 @@ def load_released_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
-        return load_checkpoint_file(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several unrelated types for corrupt pickles
-        raise CheckpointError(f"{path} could not be loaded with weights_only=True: {e}") from e
+        return load_checkpoint_file(path, check_in_background=True)
+    obj = torch_load_weights_only(path)  # memory-mapped: nothing is copied
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):
             if isinstance(obj.get(key), dict):
@@ -113,4 +112,5 @@ def load_released_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             f"{path} holds no MedCLIPSeg state dict (expected a name -> tensor mapping, possibly "
             "under 'model')"
         )
+    start_finite_check(obj.values())  # overlaps building the model
     return obj

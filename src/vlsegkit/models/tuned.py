@@ -347,7 +347,11 @@ class TunedModel(VLSM):
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{config_path}: cannot rebuild the tuned model: {e}") from e
         weights = resolve_file(id_or_path, SAFETENSORS_NAME, revision=revision, **hub_kwargs)
-        load_state_dict_strict(model, load_checkpoint_file(weights), source=str(weights))
+        # the base came through from_pretrained (one copy); the small hook / upsampler modules are
+        # built for real (their construction reads the base) and take the file's tensors
+        load_state_dict_strict(
+            model, load_checkpoint_file(weights), source=str(weights), assign=True
+        )
         return model._mark_source(id_or_path, revision).eval()
 
 
