@@ -716,7 +716,9 @@ class MedCLIPSeg(VLSM):
 
         UniMedCLIP ViT-B/16 (QuickGELU) + BiomedBERT (768 -> 640 -> 512 MLP projection, [CLS] pool),
         adapters before blocks 1..10 with ``kv_norm=True``, text padded to 256 tokens with the
-        padding attended to, BGR channel order with ImageNet mean / std, 224 x 224 input.
+        padding attended to, BGR channel order with ImageNet mean / std, 224 x 224 input, and the
+        frozen towers following ``model.train()`` (BERT dropout active while training), as the
+        official ``train.py`` runs them.
         """
         return {
             "backbone": _unimedclip_backbone(),
@@ -730,6 +732,7 @@ class MedCLIPSeg(VLSM):
             "image_mean": list(IMAGENET_MEAN),
             "image_std": list(IMAGENET_STD),
             "channel_order": "BGR",
+            "frozen_towers": "train",
             **overrides,
         }
 
