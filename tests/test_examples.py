@@ -81,6 +81,18 @@ def test_biomedclipseg_example(tmp_path, capsys):
     assert (tmp_path / "b" / "config.json").is_file()
 
 
+def test_medclipseg_training_cost_example(capsys):
+    results = _load("medclipseg_training_cost").main(["--batch-size", "4", "--steps", "3"])
+    defaults, released = results["defaults"], results["released padding + train-mode towers"]
+    checkpointed = results["defaults + checkpointing"]
+    assert defaults["text_positions"] < released["text_positions"] == 77  # longest vs 77 tokens
+    assert checkpointed["saved_kb"] < 0.8 * defaults["saved_kb"] < 0.8 * released["saved_kb"]
+    assert abs(checkpointed["loss"] - defaults["loss"]) < 1e-5  # same function
+    cache = results["cache"]
+    assert cache["misses"] > 0 and cache["hits"] == 2 * cache["misses"]
+    assert "text cache over 3 steps" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "name",
     [
@@ -90,6 +102,7 @@ def test_biomedclipseg_example(tmp_path, capsys):
         "cotexnet_text_free",
         "finetune_cris",
         "biomedclipseg",
+        "medclipseg_training_cost",
     ],
 )
 def test_examples_have_docstrings(name):

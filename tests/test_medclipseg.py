@@ -81,9 +81,10 @@ def vocab(tok_dir):
 
 def _bert_model(tok_dir, vocab, seed: int = 0, **kwargs) -> MedCLIPSeg:
     torch.manual_seed(seed)
+    # the released text rule (max-length padding attended to by the adapters) unless overridden
     defaults = dict(
         backbone=_bert_backbone(vocab), adapter_dim=DS, context_length=CTX,
-        tokenizer=str(tok_dir), image_size=32, kv_norm=True,
+        tokenizer=str(tok_dir), image_size=32, kv_norm=True, text_padding="max_length",
     )  # fmt: skip
     model = MedCLIPSeg(**{**defaults, **kwargs})
     _jitter(model, seed)

@@ -17,7 +17,12 @@ from ..encoders.hooks import HookSlots, RunContext, TowerHook
 from ..encoders.runner import check_layers
 from ..layers.pvl import PVLAdapter
 
-__all__ = ["PVLAdapters"]
+__all__ = ["IDENTICAL_COPIES", "PVLAdapters"]
+
+#: ``RunContext.extras`` key: ``(block, copies)`` -- before ``block`` the rows are ``copies``
+#: identical copy-major repeats (Monte Carlo copies of one input), so the adapter there computes its
+#: sampling-independent part once (set by :meth:`vlsegkit.models.MedCLIPSeg.forward_from_prefix`).
+IDENTICAL_COPIES = "pvl_identical_copies"
 
 
 class PVLAdapters(TowerHook):
@@ -120,15 +125,32 @@ class PVLAdapters(TowerHook):
     def forward(
         self, i: int, states: dict[str, TokenState], ctx: RunContext
     ) -> dict[str, TokenState]:
+        """Apply adapter ``slot[i]`` to the vision and text rows of each (image, prompt) pair.
+
+        When ``ctx.extras[IDENTICAL_COPIES] == (i, S)`` (set by MedCLIPSeg's Monte Carlo pass), the
+        rows are ``S`` identical copy-major copies: the adapter runs on the first copy with
+        ``copies=S``, so the work that does not depend on the noise is done once.
+        """
         vision, text = states["vision"], states["text"]
         sample = (not self.deterministic) if ctx.sample is None else ctx.sample
         key_mask = text.attention_mask if self.mask_text_padding else None
+        v_in, t_in = vision.tokens, text.tokens
+        copies = 1
+        shared = ctx.extras.get(IDENTICAL_COPIES)
+        if shared is not None and shared[0] == i and shared[1] > 1:
+            copies = shared[1]
+            if v_in.shape[0] % copies:
+                raise ValueError(f"{v_in.shape[0]} rows are not {copies} equal copies")
+            rows = v_in.shape[0] // copies
+            v_in, t_in = v_in[:rows], t_in[:rows]
+            key_mask = None if key_mask is None else key_mask[:rows]
         v, t = self[self.slot[i]](
-            vision.tokens,
-            text.tokens,
+            v_in,
+            t_in,
             text_padding_mask=None if key_mask is None else key_mask.bool(),
             generator=ctx.generators,
             sample=sample,
+            copies=copies,
         )
         return {"vision": vision.with_tokens(v), "text": text.with_tokens(t)}
 

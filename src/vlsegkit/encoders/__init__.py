@@ -4,6 +4,8 @@
   :class:`TowerHook`, :class:`HookSlots`, :class:`RunContext`: what acts inside the towers.
 - transformers CLIP / CLIPSeg: :class:`HFCLIPVisionTower`, :class:`HFCLIPTextTower`
   (:func:`from_clip_model` builds both from a model).
+- :class:`TextCache`, :func:`unique_token_rows`: each distinct prompt encoded once (per batch, and
+  optionally across calls while the text tower is frozen).
 - open_clip: :class:`OpenCLIPVisionTower` (built-in ViT), :class:`OpenCLIPTextTower`,
   :class:`TimmViTTower` (open_clip's timm trunk, BiomedCLIP-style), :class:`HFBertTextTower`
   (open_clip's Hugging Face BERT text encoder); :func:`towers_from_open_clip` builds both.
@@ -36,6 +38,7 @@ from .open_clip import (
 )
 from .open_clip_resnet import OpenCLIPResNetTower, ResNetFeatures
 from .runner import TowerRun, check_layers, embed_tower, run_towers
+from .text_cache import TextCache, unique_token_rows
 
 __all__ = [
     "BertText",
@@ -53,6 +56,7 @@ __all__ = [
     "ResNetFeatures",
     "RunContext",
     "Tap",
+    "TextCache",
     "TimmViT",
     "TimmViTTower",
     "TokenState",
@@ -71,4 +75,5 @@ __all__ = [
     "run_towers",
     "tower_spec_from_dict",
     "towers_from_open_clip",
+    "unique_token_rows",
 ]

@@ -51,6 +51,7 @@ __all__ = [
     "OpenCLIPVisionTower",
     "TimmViTTower",
     "towers_from_open_clip",
+    "use_sequence_first",
 ]
 
 
@@ -123,7 +124,46 @@ def _run_open_clip_block(block: nn.Module, state: TokenState, *, batch_first: bo
     x = state.tokens
     if batch_first:
         return block(x, attn_mask=mask)
+    # ln_1 / ln_2 write contiguous sequence-first copies, so every matrix multiply of the block sees
+    # a (N * B, D) matrix; the residual adds keep x's batch-first memory, so the transposed result
+    # is contiguous again (no copy on the way out)
     return block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
+
+
+def use_sequence_first(transformer: nn.Module) -> bool:
+    """Switch an open_clip ``Transformer`` to its sequence-first layout (``batch_first=False``).
+
+    Why: ``nn.MultiheadAttention(batch_first=True)`` transposes its input to sequence-first inside
+    ``forward`` whenever its fused inference path is off (module in train mode, or gradients
+    needed -- a training step through frozen blocks after an adapter). The transposed, non-contiguous
+    ``(N, B, D)`` input then makes the QKV projection a batched matmul of ``N`` small products (197
+    for ViT-B/16 at 224 px) in forward and in backward: slower than one ``(N * B, D)``
+    product on 2 CPU threads (about 3x). open_clip itself supports both layouts (``Transformer(batch_first=...)``
+    transposes in its own ``forward``), OpenAI CLIP and the official MedCLIPSeg run sequence-first,
+    and in inference the two layouts run at the same speed (the fused path is not faster here), so
+    the towers switch the flag once, at construction. Outputs agree to float rounding (~1e-6).
+
+    Only blocks whose attention is ``nn.MultiheadAttention`` are switched (the flag of the
+    ``Transformer`` and of every block's attention together, as open_clip builds them); other block
+    types are left alone.
+
+    Returns:
+        Whether the transformer runs sequence-first now.
+    """
+    if not getattr(transformer, "batch_first", True):
+        return True
+    blocks = list(getattr(transformer, "resblocks", ()))
+    if not blocks or not all(
+        isinstance(getattr(b, "attn", None), nn.MultiheadAttention)
+        and b.attn.batch_first
+        and not hasattr(b, "ln_1_kv")
+        for b in blocks
+    ):
+        return False
+    transformer.batch_first = False
+    for b in blocks:
+        b.attn.batch_first = False
+    return True
 
 
 # ---------------------------------------------------------------------------- open_clip built-in ViT
@@ -147,6 +187,9 @@ class OpenCLIPVisionTower(Tower):
             ``positional_embedding``, ``ln_pre``, ``transformer.resblocks``, ``ln_post``, ``proj``.
             Registered as ``self.visual`` (state-dict keys ``visual.conv1.weight``, ...). Attentional
             pooling (CoCa) is not supported.
+        sequence_first: step the blocks sequence-first (switches ``visual.transformer`` to
+            open_clip's ``batch_first=False`` layout, see :func:`use_sequence_first`; the upstream
+            module's own ``forward`` keeps working). ``TokenState`` tokens stay ``(B, N, D)``.
 
     Attributes:
         num_layers, width (``D``), embed_dim (``E``), patch_size (``p``, pixels), num_channels,
@@ -155,7 +198,7 @@ class OpenCLIPVisionTower(Tower):
 
     modality = "vision"
 
-    def __init__(self, visual: nn.Module) -> None:
+    def __init__(self, visual: nn.Module, *, sequence_first: bool = True) -> None:
         super().__init__()
         from open_clip.transformer import VisionTransformer
 
@@ -179,6 +222,8 @@ class OpenCLIPVisionTower(Tower):
         self.num_layers = len(visual.transformer.resblocks)
         self.patch_size = _square_patch(visual.patch_size, "OpenCLIPVisionTower")
         self.num_channels = visual.conv1.in_channels
+        if sequence_first:
+            use_sequence_first(visual.transformer)
 
     @property
     def pretrained_grid(self) -> tuple[int, int]:
@@ -292,6 +337,7 @@ class OpenCLIPTextTower(Tower):
             ``self.text``; or an ``open_clip.CLIP`` model, whose text parts are gathered (shared, not
             copied) into a container registered as ``self.text``. CoCa-style towers with an appended
             CLS embedding (``embed_cls``) and ``pool_type='none'`` are not supported.
+        sequence_first: step the blocks sequence-first (see :func:`use_sequence_first`).
 
     Attributes:
         num_layers, width (``D``), embed_dim (``E``), max_positions (rows of the position table),
@@ -300,7 +346,7 @@ class OpenCLIPTextTower(Tower):
 
     modality = "text"
 
-    def __init__(self, text: nn.Module) -> None:
+    def __init__(self, text: nn.Module, *, sequence_first: bool = True) -> None:
         super().__init__()
         from open_clip.transformer import TextTransformer
 
@@ -336,6 +382,8 @@ class OpenCLIPTextTower(Tower):
         self.embed_dim = _proj_dim(text.text_projection, self.width)
         self.num_layers = len(text.transformer.resblocks)
         self.max_positions = text.positional_embedding.shape[0]
+        if sequence_first:
+            use_sequence_first(text.transformer)
 
     def _cast_dtype(self) -> torch.dtype:
         get = getattr(self.text.transformer, "get_cast_dtype", None)

@@ -127,6 +127,7 @@ class PVLAttention(nn.Module):
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         noise: Tensor | None = None,
         sample: bool | None = None,
+        copies: int = 1,
     ) -> Tensor:
         """Attend from ``x`` to ``context`` and gate the result into ``x``.
 
@@ -142,27 +143,45 @@ class PVLAttention(nn.Module):
             noise: ``(B, M, attn_dim)`` standard-normal draws to use instead of generating them
                 (replays exact draws); implies sampling.
             sample: sample the values (eq. 10); None means ``not self.deterministic``.
+            copies: ``S`` noise copies of the same inputs: the output is ``(S * B, N, dim)``,
+                copy-major, exactly ``forward(x.repeat(S, 1, 1), context.repeat(S, 1, 1), ...)``
+                (``context_padding_mask`` is then ``(B, M)``; ``noise`` and the generators cover
+                the ``S * B`` rows). The projections, key means and variances and value means and
+                variances are computed once for all copies; the attention then runs per copy.
 
         Returns:
-            ``(B, N, dim)`` the gated output ``Y`` of eq. 13.
+            ``(S * B, N, dim)`` the gated output ``Y`` of eq. 13 (``S = copies``, 1 by default).
         """
         _check_tokens("x", x, self.dim)
         _check_tokens("context", context, self.dim, batch=x.shape[0])
+        if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+            raise ValueError(f"copies must be a positive int, got {copies!r}")
         sample = (not self.deterministic if sample is None else sample) or noise is not None
         k_mu, k_var, v_mu, v_var = self.gaussian_keys_values(context)
+        q = self.q_proj(x)
         values = v_mu
         if sample:
+            rows = (copies * x.shape[0], *v_mu.shape[1:])
             if noise is None:
-                noise = _draw_noise(v_mu, generator)
-            elif noise.shape != v_mu.shape:
+                like = v_mu if copies == 1 else v_mu.new_empty(rows)
+                noise = _draw_noise(like, generator)
+            elif tuple(noise.shape) != rows:
                 raise ValueError(
-                    f"noise must have shape {tuple(v_mu.shape)} (B, M, attn_dim), got "
+                    f"noise must have shape {rows} (copies * B, M, attn_dim), got "
                     f"{tuple(noise.shape)}"
                 )
-            values = v_mu + v_var.sqrt() * noise.to(v_mu.dtype)
+            noise = rearrange(noise.to(v_mu.dtype), "(s b) m d -> s b m d", s=copies)
+            values = rearrange(v_mu + v_var.sqrt() * noise, "s b m d -> (s b) m d")
+        if copies > 1:
+            # everything above ran once for all copies (row-wise ops: the same numbers as on the
+            # repeated rows); the attention runs per copy, as for repeated inputs
+            q, k_mu, k_var, x = (t.repeat(copies, 1, 1) for t in (q, k_mu, k_var, x))
+            if context_padding_mask is not None:
+                context_padding_mask = context_padding_mask.repeat(copies, 1)
+            if not sample:
+                values = values.repeat(copies, 1, 1)
         q, k_mu, k_var, values = (
-            rearrange(t, "b n (h d) -> b h n d", h=self.num_heads)
-            for t in (self.q_proj(x), k_mu, k_var, values)
+            rearrange(t, "b n (h d) -> b h n d", h=self.num_heads) for t in (q, k_mu, k_var, values)
         )
         out = probabilistic_attention(
             q,
@@ -228,6 +247,7 @@ class PVLTwoWayLayer(nn.Module):
         text_padding_mask: Tensor | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         sample: bool | None = None,
+        copies: int = 1,
     ) -> tuple[Tensor, Tensor]:
         """Update image tokens from text, then text tokens from the updated image tokens.
 
@@ -239,13 +259,23 @@ class PVLTwoWayLayer(nn.Module):
             generator: value-noise generator (or one per batch chunk, see :class:`PVLAttention`),
                 used first by the image update, then by the text one.
             sample: see :class:`PVLAttention`.
+            copies: ``S`` noise copies of the same ``(v, t)`` (see :class:`PVLAttention`): the
+                image update shares its sampling-independent part; the outputs have ``S * B``
+                rows, copy-major.
 
         Returns:
-            ``(v', t')`` with the shapes of ``v`` and ``t``.
+            ``(v', t')`` with the shapes of ``v`` and ``t`` (``S * B`` rows for ``copies = S``).
         """
         v = self.cross_attn_img_to_txt(
-            v, t, context_padding_mask=text_padding_mask, generator=generator, sample=sample
+            v,
+            t,
+            context_padding_mask=text_padding_mask,
+            generator=generator,
+            sample=sample,
+            copies=copies,
         )
+        if copies > 1:
+            t = t.repeat(copies, 1, 1)
         t = self.cross_attn_txt_to_img(t, v, generator=generator, sample=sample)
         return v, t
 
@@ -294,6 +324,7 @@ class PVLAdapter(nn.Module):
         text_padding_mask: Tensor | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         sample: bool | None = None,
+        copies: int = 1,
     ) -> tuple[Tensor, Tensor]:
         """Fuse the two residual streams.
 
@@ -305,9 +336,14 @@ class PVLAdapter(nn.Module):
             generator: value-noise generator (reproducible sampling), or one per equal batch chunk
                 (Monte Carlo copies; see :class:`PVLAttention`).
             sample: sample the values; None follows each attention module's ``deterministic``.
+            copies: ``S`` noise copies of the same streams (Monte Carlo copies of one input): the
+                result has ``S * B`` rows, copy-major, exactly as for the inputs repeated ``S``
+                times, but the down-projections and the image update's attention weights are
+                computed once (see :class:`PVLAttention`).
 
         Returns:
-            ``(new_vision, new_text)`` of the input shapes: the residual updates of eqs. 16-17.
+            ``(new_vision, new_text)`` of the input shapes (``S * B`` rows for ``copies = S``): the
+            residual updates of eqs. 16-17.
         """
         _check_tokens("vision_tokens", vision_tokens, self.vision_dim)
         _check_tokens("text_tokens", text_tokens, self.text_dim, batch=vision_tokens.shape[0])
@@ -317,5 +353,9 @@ class PVLAdapter(nn.Module):
             text_padding_mask=text_padding_mask,
             generator=generator,
             sample=sample,
+            copies=copies,
         )
+        if copies > 1:
+            vision_tokens = vision_tokens.repeat(copies, 1, 1)
+            text_tokens = text_tokens.repeat(copies, 1, 1)
         return vision_tokens + self.proj_vis_up(v), text_tokens + self.proj_txt_up(t)

@@ -27,7 +27,8 @@ from ..encoders.factory import (
     tower_spec_from_dict,
 )
 from ..encoders.hooks import HookSlots, RunContext, TowerHook
-from ..encoders.runner import check_layers, embed_tower, run_towers
+from ..encoders.runner import Checkpointing, check_layers, embed_tower, run_towers
+from ..encoders.text_cache import TextCache, unique_token_rows
 from ..hub import (
     CheckpointError,
     empty_weights,
@@ -154,7 +155,12 @@ class CLIPSeg(VLSM):
         self.decoder_feature_dim = reduce_dim
         #: Recompute tower block activations in backward instead of storing them (saves memory
         #: when gradients flow through frozen towers to hooks); a runtime switch, not config.
-        self.gradient_checkpointing = False
+        #: ``"auto"``: frozen blocks only, above :data:`~vlsegkit.encoders.runner.AUTO_CHECKPOINT_BYTES`
+        #: of estimated activations (see :func:`~vlsegkit.encoders.run_towers`).
+        self.gradient_checkpointing: Checkpointing = "auto"
+        #: Optional :class:`~vlsegkit.encoders.text_cache.TextCache` of the conditional embedding
+        #: of each prompt across calls (used while no hook acts on the text tower); None: off.
+        self.text_cache: TextCache | None = None
         if freeze_backbone:
             self.freeze_backbone()
         self.hooks = self._bind_hooks(hooks)
@@ -223,6 +229,22 @@ class CLIPSeg(VLSM):
         self, ids: Tensor, mask: Tensor | None, hooks: Sequence[TowerHook], ctx: RunContext
     ) -> tuple[Tensor, RunContext]:
         """Pooled text rows ``(R, E)`` with the text hooks (keeping what hooks ask for)."""
+        if self.text_cache is not None and not any("text" in h.towers for h in hooks):
+            pooled = self.text_cache.rows(
+                self.text_tower,
+                "clipseg-pooled",
+                ids,
+                mask,
+                lambda rows: self._encode_rows_now(
+                    ids[rows], None if mask is None else mask[rows], (), RunContext()
+                ),
+            )
+            return pooled, ctx
+        return self._encode_rows_now(ids, mask, hooks, ctx), ctx
+
+    def _encode_rows_now(
+        self, ids: Tensor, mask: Tensor | None, hooks: Sequence[TowerHook], ctx: RunContext
+    ) -> Tensor:
         state = embed_tower("text", self.text_tower, ids, mask, hooks=hooks, ctx=ctx)
         keep = _hook_keeps(hooks, "text")
         run = run_towers(
@@ -233,7 +255,7 @@ class CLIPSeg(VLSM):
             keep={"text": keep} if keep else None,
             gradient_checkpointing=self.gradient_checkpointing,
         )
-        return self.text_tower.pool(run.states["text"]), ctx
+        return self.text_tower.pool(run.states["text"])
 
     def _condition_source(
         self, prompts, input_ids, conditional_pixel_values, conditional_embeddings
@@ -332,7 +354,10 @@ class CLIPSeg(VLSM):
                 texts, index = parse_text_prompts(prompts, b)
                 ids, mask = self._tokenize(texts, hooks)
             else:
-                ids, mask, index = check_token_rows(input_ids, attention_mask, b)
+                # identical rows (one per image of a shared prompt) are encoded once
+                ids, mask, index = unique_token_rows(
+                    *check_token_rows(input_ids, attention_mask, b)
+                )
                 ids = ids.to(pixel_values.device)
                 mask = None if mask is None else mask.to(pixel_values.device)
             if paired:

@@ -231,16 +231,18 @@ class TunedModel(VLSM):
 
     # ------------------------------------------------------------------ switches
     @property
-    def gradient_checkpointing(self) -> bool:
-        """Whether the base recomputes its frozen blocks in backward (memory for time)."""
-        return bool(getattr(self.base, "gradient_checkpointing", False))
+    def gradient_checkpointing(self) -> bool | str:
+        """Whether the base recomputes its frozen blocks in backward (memory for time): True,
+        False or ``"auto"`` (above a size, see :func:`~vlsegkit.encoders.run_towers`)."""
+        value = getattr(self.base, "gradient_checkpointing", False)
+        return value if value == "auto" else bool(value)
 
     @gradient_checkpointing.setter
-    def gradient_checkpointing(self, enabled: bool) -> None:
+    def gradient_checkpointing(self, enabled: bool | str) -> None:
         if enabled and not hasattr(self.base, "gradient_checkpointing"):
             raise ValueError(f"{type(self.base).__name__} does not support gradient checkpointing")
         if hasattr(self.base, "gradient_checkpointing"):
-            self.base.gradient_checkpointing = bool(enabled)
+            self.base.gradient_checkpointing = enabled if enabled == "auto" else bool(enabled)
 
     def train(self, mode: bool = True) -> TunedModel:
         """Train mode for the hooks and upsampler; the frozen base always stays in eval mode."""
