@@ -8,7 +8,7 @@ from .capabilities import (
     SupportsUncertainty,
 )
 from .clipseg import CLIPSeg
-from .cotexnet import CoTexNet, CoTexNetOutput
+from .cotexnet import CoTexNet, CoTexNetOutput, CoTexNetText
 from .medclipseg import MedCLIPSeg, MedCLIPSegPrefix
 from .outputs import CLIPSegOutput, MedCLIPSegOutput, SegmentationOutput
 from .tuned import TunedModel, load_tuned
@@ -19,6 +19,7 @@ __all__ = [
     "CLIPSegOutput",
     "CoTexNet",
     "CoTexNetOutput",
+    "CoTexNetText",
     "MedCLIPSeg",
     "MedCLIPSegOutput",
     "MedCLIPSegPrefix",
