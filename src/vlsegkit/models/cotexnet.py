@@ -455,7 +455,14 @@ class CoTexNet(VLSM):
             )
         return CoTexNetText(ids, mask, roi, rows, positions, token_ids)
 
-    def _text_inputs(self, text: CoTexNetText, batch: int) -> tuple[Tensor, Tensor, ROISlots]:
+    def _text_inputs(
+        self, pixel_values: Tensor, prompts: list[str], masks: Tensor, hooks: Sequence[TowerHook]
+    ) -> tuple[Tensor, Tensor, ROISlots]:
+        """Token ids, mask and ROI slots of checked prompts and masks."""
+        text = self._prepare_text(pixel_values, prompts, masks, hooks)
+        return self._text_slots(text, pixel_values.shape[0])
+
+    def _text_slots(self, text: CoTexNetText, batch: int) -> tuple[Tensor, Tensor, ROISlots]:
         """Token ids, mask and ROI slots (ROI [CLS] tokens from the frozen vision tower)."""
         if text.input_ids.dim() != 2 or text.input_ids.shape[0] != batch:
             raise ValueError(
@@ -520,7 +527,7 @@ class CoTexNet(VLSM):
             if not isinstance(text, CoTexNetText):
                 texts = self._check_prompts(prompts, b)
                 text = self._prepare_text(pixel_values, texts, masks, hooks)
-            ids, mask, ctx.extras[ROI_SLOTS] = self._text_inputs(text, b)
+            ids, mask, ctx.extras[ROI_SLOTS] = self._text_slots(text, b)
             ctx.text_image_index = torch.arange(b, device=pixel_values.device)
         else:
             lockstep = [type(h).__name__ for h in hooks if h.lockstep]
