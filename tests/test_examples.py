@@ -50,8 +50,21 @@ def test_cotexnet_example(tmp_path, capsys):
     assert "lesion area, located in the" in out and "text-free dice" in out
 
 
+def test_compile_training_example(capsys):
+    import torch
+
+    result = _load("compile_training").main(
+        ["--backend", "aot_eager", "--steps", "1", "--batch-size", "2", "--val-size", "0"]
+    )
+    torch._dynamo.reset()
+    terms = result["history"].train_terms
+    assert result["history"].steps == 1 and 0.0 < terms[0]["loss"] < 10.0
+    assert "compiled (aot_eager) training loss" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
-    "name", ["step_towers", "finetune_clipseg", "compose", "cotexnet_text_free"]
+    "name",
+    ["step_towers", "finetune_clipseg", "compose", "cotexnet_text_free", "compile_training"],
 )
 def test_examples_have_docstrings(name):
     assert _load(name).__doc__.strip()
