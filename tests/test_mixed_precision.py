@@ -118,6 +118,32 @@ def test_text_towers_with_padding_are_finite_under_autocast(backend, dtype):
     _close(tokens_low[real], tokens_ref[real], dtype, f"{backend} tokens")
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["half-weights", "autocast"])
+def test_open_clip_padding_mask_reaches_attention_finite_in_half_precision(autocast):
+    """open_clip casts the mask to the query dtype: it must be built in the compute dtype, or
+    fp32's minimum becomes -inf in fp16 (NaN for a fully masked row on some kernels)."""
+    tower = create_towers(TEXT_SPECS["open_clip"]).text.eval()
+    if not autocast:
+        tower = tower.half()
+    seen = []
+    hooks = [
+        block.attn.register_forward_pre_hook(
+            lambda _m, args, kwargs: seen.append(kwargs["attn_mask"]), with_kwargs=True
+        )
+        for block in tower.text.transformer.resblocks
+    ]
+    ids = torch.tensor([[498, 5, 499, 0], [498, 6, 7, 499]])
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            tower(ids, (ids != 0).long())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(seen) == tower.num_layers
+    for mask in seen:
+        assert torch.isfinite(mask).all() and mask.min() == torch.finfo(torch.float16).min
+
+
 # ---------------------------------------------------------------------------- whole models
 def _model(name: str, train: bool):
     torch.manual_seed(0)
