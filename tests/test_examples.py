@@ -93,6 +93,18 @@ def test_medclipseg_training_cost_example(capsys):
     assert "text cache over 3 steps" in capsys.readouterr().out
 
 
+def test_compile_training_example(capsys):
+    import torch
+
+    result = _load("compile_training").main(
+        ["--backend", "aot_eager", "--steps", "1", "--batch-size", "2", "--val-size", "0"]
+    )
+    torch._dynamo.reset()
+    terms = result["history"].train_terms
+    assert result["history"].steps == 1 and 0.0 < terms[0]["loss"] < 10.0
+    assert "compiled (aot_eager) training loss" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "name",
     [
@@ -103,6 +115,7 @@ def test_medclipseg_training_cost_example(capsys):
         "finetune_cris",
         "biomedclipseg",
         "medclipseg_training_cost",
+        "compile_training",
     ],
 )
 def test_examples_have_docstrings(name):

@@ -48,8 +48,8 @@ def check_unit_range(name: str, x: Tensor) -> None:
     """
     if x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
-    if x.dtype == torch.bool:
-        return
+    if x.dtype == torch.bool or torch.compiler.is_compiling():
+        return  # (compiled graphs skip data-dependent checks: they would sync and break the graph)
     lo, hi = torch.aminmax(x.detach().float())
     lo, hi = float(lo), float(hi)
     if not (lo >= 0.0 and hi <= 1.0):  # NaN fails both comparisons
@@ -114,7 +114,9 @@ class SegmentationTask(Task):
     """Text-prompted segmentation: ``model(images, prompts).logits`` against masks.
 
     Batches are ``collate_prompts`` dicts: ``image (B, 3, H, W)``, ``mask (B, C, H, W)`` in [0, 1]
-    and ``prompt`` (B strings, or B lists of C strings). Training returns the loss terms; evaluation
+    and ``prompt`` (B strings, or B lists of C strings) -- or, instead of ``prompt``, pre-tokenised
+    ``input_ids`` (+ ``attention_mask``) ``(T, L)`` passed to ``model(image, input_ids=...,
+    attention_mask=...)``, which keeps the step tensor-only for ``torch.compile``. Training returns the loss terms; evaluation
     adds per-(image, prompt) Dice and IoU of ``sigmoid(logits) > threshold`` (``vlsegkit.metrics``,
     empty prediction on an empty mask scoring ``empty_score``).
 
@@ -149,7 +151,11 @@ class SegmentationTask(Task):
                 f"a segmentation batch must be a dict with 'image', 'mask' and 'prompt' (see "
                 f"vlsegkit.data.collate_prompts), got {type(batch).__name__}"
             )
-        missing = {"image", "mask", "prompt"} - set(batch)
+        # pre-tokenised prompts ("input_ids" + optional "attention_mask", one row per image or T
+        # rows for every image) may replace the strings: the pass is then tensor-only (torch.compile)
+        missing = {"image", "mask"} - set(batch)
+        if "prompt" not in batch and "input_ids" not in batch:
+            missing.add("prompt")
         if missing:
             raise ValueError(
                 "a segmentation batch must be a dict with 'image', 'mask' and 'prompt' (see "
@@ -166,12 +172,16 @@ class SegmentationTask(Task):
             raise ValueError(
                 f"batch['mask'] must be a (B={images.shape[0]}, C, H, W) tensor, got {shape}"
             )
-        return images, masks, batch["prompt"]
+        return images, masks, batch.get("prompt")
 
     def _forward(self, model: nn.Module, batch: Any) -> tuple[Any, Tensor, Tensor]:
         images, masks, prompts = self.unpack(batch)
         check_unit_range("batch['mask']", masks)
-        output = model(images, prompts)
+        if prompts is None:
+            ids, mask = batch["input_ids"], batch.get("attention_mask")
+            output = model(images, input_ids=ids, attention_mask=mask)
+        else:
+            output = model(images, prompts)
         logits = output if isinstance(output, Tensor) else getattr(output, "logits", None)
         if not isinstance(logits, Tensor):
             raise TypeError(

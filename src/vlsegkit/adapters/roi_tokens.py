@@ -24,6 +24,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from ..encoders.base import TokenState
@@ -139,7 +140,10 @@ class ROIPseudoTokens(TowerHook):
             return states
         rows = found.rows.to(tokens.device)
         positions = found.positions.to(tokens.device) + state.num_prompts
-        if int(rows.max()) >= state.batch_size or int(positions.max()) >= tokens.shape[1]:
+        # a data-dependent check (it reads the indices back): compiled graphs skip it
+        if not torch.compiler.is_compiling() and (
+            int(rows.max()) >= state.batch_size or int(positions.max()) >= tokens.shape[1]
+        ):
             raise ValueError(
                 f"ROI slots (rows < {int(rows.max()) + 1}, positions < {int(positions.max()) + 1}) "
                 f"do not fit the text state {tuple(tokens.shape[:2])}"

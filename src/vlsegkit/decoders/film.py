@@ -157,7 +157,26 @@ class FiLMDecoder(nn.Module):
         grid: tuple[int, int],
         content_start: int = 1,
     ) -> Tensor:
-        """Decode one mask per (image, condition) row.
+        """Decode one mask per (image, condition) row: ``transposed_convolution(features(...))``.
+
+        Args and shapes as :meth:`features`.
+
+        Returns:
+            ``(B, 1, h * p, w * p)`` logits, p the patch size.
+        """
+        return self.transposed_convolution(
+            self.features(activations, cond, grid=grid, content_start=content_start)
+        )
+
+    def features(
+        self,
+        activations: Sequence[Tensor],
+        cond: Tensor,
+        *,
+        grid: tuple[int, int],
+        content_start: int = 1,
+    ) -> Tensor:
+        """The decoder's penultimate feature map: everything before the final upsampler.
 
         Args:
             activations: ``depth`` tensors ``(B, N, vision_width)``, shallow to deep, each holding
@@ -167,7 +186,7 @@ class FiLMDecoder(nn.Module):
             content_start: index of the first patch token.
 
         Returns:
-            ``(B, 1, h * p, w * p)`` logits, p the patch size.
+            ``(B, reduce_dim, h, w)`` patch features (the input of ``transposed_convolution``).
         """
         if len(activations) != self.depth:
             raise ValueError(f"expected {self.depth} activations, got {len(activations)}")
@@ -196,5 +215,4 @@ class FiLMDecoder(nn.Module):
                 f"grid {h}x{w} needs {h * w} patch tokens after index {content_start}, "
                 f"found {patches.shape[1]}"
             )
-        fmap = rearrange(patches, "b (h w) d -> b d h w", h=h, w=w)
-        return self.transposed_convolution(fmap)
+        return rearrange(patches, "b (h w) d -> b d h w", h=h, w=w)

@@ -106,7 +106,15 @@ def _open_clip_mask(state: TokenState, num_heads: int) -> Tensor | None:
             return None
         table = torch.full((n, n), float("-inf"), device=state.tokens.device)
         return table.triu_(1)
-    bias = attention_bias(state, torch.float32)
+    # in the compute dtype (the autocast dtype under autocast): its finite minimum survives the
+    # cast to the query dtype, where fp32's minimum would become -inf in half precision
+    device = state.tokens.device.type
+    dtype = (
+        torch.get_autocast_dtype(device)
+        if torch.is_autocast_enabled(device)
+        else state.tokens.dtype
+    )
+    bias = attention_bias(state, dtype)
     return bias.expand(-1, num_heads, -1, -1).reshape(-1, n, n)
 
 

@@ -29,6 +29,7 @@ layer in eval mode, up to 23 with dropout active), so 12 is used.
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -205,14 +206,23 @@ def estimate_saved_bytes(
     return total * SAVED_VALUES_PER_ELEMENT
 
 
+# Key of the taps in a branch module's forward-hook table (handles number hooks from 0 upwards).
+_TAP_KEY = -1
+
+
 @contextlib.contextmanager
 def _tapped(tower: Tower, i: int, taps: Mapping[str, list[Tap]]):
-    """Temporarily apply ``taps`` to the outputs of block ``i``'s branch modules."""
+    """Temporarily apply ``taps`` to the outputs of block ``i``'s branch modules.
+
+    The taps enter each branch module's forward-hook table for the duration of the block (a copy of
+    the table with the taps added, swapped in and back out) instead of ``register_forward_hook``,
+    whose handle counter torch.compile cannot trace: the tapped block stays in the graph.
+    """
     if not taps:
         yield
         return
     branches = tower.branch_modules(i)
-    handles = []
+    swapped: list[tuple[torch.nn.Module, OrderedDict]] = []
     try:
         for point, fns in taps.items():
             if point not in branches:
@@ -227,11 +237,15 @@ def _tapped(tower: Tower, i: int, taps: Mapping[str, list[Tap]]):
                     first = fn(first)
                 return (first, *output[1:]) if isinstance(output, tuple) else first
 
-            handles.append(branches[point].register_forward_hook(apply))
+            module = branches[point]
+            table = OrderedDict(module._forward_hooks)
+            table[_TAP_KEY] = apply
+            swapped.append((module, module._forward_hooks))
+            module._forward_hooks = table
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        for module, table in reversed(swapped):
+            module._forward_hooks = table
 
 
 def _step(

@@ -63,7 +63,7 @@ def soft_patch_contrastive_loss(
         variant: ``"paper"`` or ``"released"``.
 
     Returns:
-        Scalar loss.
+        Scalar loss, in float32 (float64 for float64 inputs), also under autocast.
 
     Raises:
         ValueError: a ``temperature`` that is not a finite number >= 1e-4, an unknown ``variant``, or
@@ -71,20 +71,26 @@ def soft_patch_contrastive_loss(
             0 included).
     """
     _check_inputs(patch_tokens, text_embeddings, temperature, variant)
-    pooled = F.normalize(patch_tokens, dim=-1).mean(dim=1)
-    text = text_embeddings
-    if variant == "paper":
-        pooled = F.normalize(pooled, dim=-1)
-        text = F.normalize(text, dim=-1)
-    logits_v2t = pooled @ text.T / temperature
-    with torch.no_grad():
-        sim = text @ text.T / temperature
-        if variant == "released":
-            sim = F.normalize(sim, dim=-1)
-        targets = sim.softmax(dim=-1)
-    return 0.5 * (
-        _soft_cross_entropy(logits_v2t, targets) + _soft_cross_entropy(logits_v2t.T, targets.T)
+    # at least fp32 with autocast off: the similarities are divided by tau (1 / tau = 1e4 at the
+    # smallest tau), which half precision rounds to a few significant digits; fp64 stays fp64
+    dtype = torch.promote_types(
+        torch.promote_types(patch_tokens.dtype, text_embeddings.dtype), torch.float32
     )
+    with torch.autocast(device_type=patch_tokens.device.type, enabled=False):
+        pooled = F.normalize(patch_tokens.to(dtype), dim=-1).mean(dim=1)
+        text = text_embeddings.to(dtype)
+        if variant == "paper":
+            pooled = F.normalize(pooled, dim=-1)
+            text = F.normalize(text, dim=-1)
+        logits_v2t = pooled @ text.T / temperature
+        with torch.no_grad():
+            sim = text @ text.T / temperature
+            if variant == "released":
+                sim = F.normalize(sim, dim=-1)
+            targets = sim.softmax(dim=-1)
+        return 0.5 * (
+            _soft_cross_entropy(logits_v2t, targets) + _soft_cross_entropy(logits_v2t.T, targets.T)
+        )
 
 
 def _check_options(temperature: float, variant: str) -> None:

@@ -46,7 +46,9 @@ def _check_inputs(logits: Tensor, target: Tensor) -> None:
             f"logits must not be empty (a batch of size 0, no channel or no pixel), got shape "
             f"{tuple(logits.shape)}"
         )
-    if target.dtype != torch.bool:
+    # The range check reads values back to the host (one sync): compiled graphs skip it, as they
+    # skip every data-dependent check (torch.compile would otherwise break the graph here).
+    if target.dtype != torch.bool and not torch.compiler.is_compiling():
         # One reduction and one device sync per call, not one per element.
         lo, hi = torch.stack(torch.aminmax(target.detach())).tolist()
         if not (lo >= 0 and hi <= 1):  # also False for NaN, which aminmax propagates
@@ -98,7 +100,8 @@ def dice_bce_loss(
     reduction: str = "mean",
 ) -> Tensor:
     """Functional form of ``DiceBCELoss``; see the class for the equations and arguments."""
-    _check_options(dice_weight, bce_weight, smooth, reduction)
+    if not torch.compiler.is_compiling():  # Python-number checks; torch.compile traces floats
+        _check_options(dice_weight, bce_weight, smooth, reduction)
     _check_inputs(logits, target)
     # fp16/bf16 logits are promoted to fp32 (sums over H*W pixels overflow or lose precision in half
     # precision); fp64 stays fp64 so gradcheck works.

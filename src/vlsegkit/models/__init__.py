@@ -11,7 +11,7 @@ from .capabilities import (
     SupportsUncertainty,
 )
 from .clipseg import CLIPSeg
-from .cotexnet import CoTexNet, CoTexNetOutput
+from .cotexnet import CoTexNet, CoTexNetOutput, CoTexNetText
 from .cris import CRIS, CRISOutput
 from .dual_encoder import DualEncoder, DualEncoderOutput
 from .medclipseg import MedCLIPSeg, MedCLIPSegPrefix
@@ -27,6 +27,7 @@ __all__ = [
     "CRISOutput",
     "CoTexNet",
     "CoTexNetOutput",
+    "CoTexNetText",
     "DualEncoder",
     "DualEncoderOutput",
     "MedCLIPSeg",

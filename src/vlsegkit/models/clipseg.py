@@ -194,11 +194,24 @@ class CLIPSeg(VLSM):
         )
 
     # ------------------------------------------------------------------ conditions
-    def _tokenize(self, texts: list[str], hooks: Sequence[TowerHook]) -> tuple[Tensor, Tensor]:
-        reserve = sum(h.num_tokens("text") for h in hooks if "text" in h.towers)
-        batch = self.tokenizer(texts, reserve=reserve)
+    def tokenize(self, prompts: str | Sequence[str], *, reserve: int = 0) -> tuple[Tensor, Tensor]:
+        """``(input_ids, attention_mask)`` ``(T, L)`` as ``forward`` tokenises prompts (padded to
+        the longest), on the model's device.
+
+        ``forward(pixel_values, input_ids=..., attention_mask=...)`` with them is the tensor-only
+        pass (what ``torch.compile(model, fullgraph=True)`` captures in one graph).
+
+        Args:
+            prompts: one string or T strings.
+            reserve: text positions left free for context tokens hooks insert.
+        """
+        batch = self.tokenizer(prompts, reserve=reserve)
         device = self.decoder.film_mul.weight.device
         return batch.input_ids.to(device), batch.attention_mask.to(device)
+
+    def _tokenize(self, texts: list[str], hooks: Sequence[TowerHook]) -> tuple[Tensor, Tensor]:
+        reserve = sum(h.num_tokens("text") for h in hooks if "text" in h.towers)
+        return self.tokenize(texts, reserve=reserve)
 
     def encode_text(
         self,
@@ -432,18 +445,13 @@ class CLIPSeg(VLSM):
         )
 
     def _decode(self, tokens, cond, state, output_features: bool):
-        captured: list[Tensor] = []
-        handle = None
-        if output_features:
-            handle = self.decoder.transposed_convolution.register_forward_pre_hook(
-                lambda _module, args: captured.append(args[0])
-            )
-        try:
-            logits = self.decoder(tokens, cond, grid=state.grid, content_start=state.content_start)
-        finally:
-            if handle is not None:
-                handle.remove()
-        return logits, (captured[0] if captured else None)
+        # features and upsampler called separately (no temporary module hook): the pass stays one
+        # graph under torch.compile
+        fmap = self.decoder.features(
+            tokens, cond, grid=state.grid, content_start=state.content_start
+        )
+        logits = self.decoder.transposed_convolution(fmap)
+        return logits, (fmap if output_features else None)
 
     # ------------------------------------------------------------------ upstream checkpoints
     @classmethod

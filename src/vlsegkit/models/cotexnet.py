@@ -47,7 +47,7 @@ from .outputs import SegmentationOutput
 if TYPE_CHECKING:
     from ..tasks import Task
 
-__all__ = ["PLACEHOLDER", "RELEASED_OPTIONS", "CoTexNet", "CoTexNetOutput"]
+__all__ = ["PLACEHOLDER", "RELEASED_OPTIONS", "CoTexNet", "CoTexNetOutput", "CoTexNetText"]
 
 #: The single-token word written where each ROI pseudo-token goes (Fig. 2's "[temp]").
 PLACEHOLDER = "*"
@@ -84,6 +84,32 @@ class CoTexNetOutput(SegmentationOutput):
     text_embedding: Tensor | None = None
     predicted_embedding: Tensor | None = None
     condition: str = "image"
+
+
+@dataclass(frozen=True)
+class CoTexNetText:
+    """The text side of a training pass, prepared from prompts and masks (:meth:`CoTexNet.prepare_text`).
+
+    Everything data-dependent happens while preparing: which classes each mask holds, the ROI count
+    per image and the tokenisation of the strings built from it. A forward pass given this object
+    (as its ``prompts``) runs tensor operations only, so ``torch.compile(model, fullgraph=True)``
+    captures the whole pass, ROI tower pass included, in one graph.
+
+    Attributes:
+        input_ids: ``(B, L)`` token ids of the prompt texts (placeholders included).
+        attention_mask: ``(B, L)`` 1 for real tokens.
+        roi: ``(M, 3, H, W)`` ROI images ``R = I ⊗ M_k`` (eq. 1), one per (image, class present).
+        rows: ``(M,)`` long, the image (text row) of each ROI.
+        positions: ``(M,)`` long, its placeholder's index in the row's token ids.
+        token_ids: ``(M,)`` long, the token id at that index.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    roi: Tensor
+    rows: Tensor
+    positions: Tensor
+    token_ids: Tensor
 
 
 def _hook_keeps(hooks: Sequence[TowerHook], tower: str) -> list[int]:
@@ -299,7 +325,8 @@ class CoTexNet(VLSM):
     def _resolve_condition(self, condition: str, prompts: Any, masks: Any) -> str:
         if condition not in _CONDITIONS:
             raise ValueError(f"condition must be one of {_CONDITIONS}, got {condition!r}")
-        if (prompts is None) != (masks is None):
+        # prepared text carries its ROIs already: the masks are optional then
+        if not isinstance(prompts, CoTexNetText) and (prompts is None) != (masks is None):
             raise ValueError(
                 "CoTexNet's text conditioning needs prompts and masks together (the masks give the "
                 "ROI pseudo-tokens); pass both, or neither for text-free inference"
@@ -374,9 +401,36 @@ class CoTexNet(VLSM):
             for p, n in zip(prompts, counts, strict=True)
         ]
 
-    def _text_inputs(
+    def prepare_text(
+        self,
+        pixel_values: Tensor,
+        prompts: str | Sequence[str],
+        masks: Tensor,
+        *,
+        hooks: Sequence[TowerHook] = (),
+    ) -> CoTexNetText:
+        """The data-dependent text side of a training pass, run eagerly (see :class:`CoTexNetText`).
+
+        Pass the result as ``prompts`` to ``forward`` (masks optional then): the pass is the same as
+        with the strings and masks, but tensor-only, so it compiles without graph breaks.
+
+        Args:
+            pixel_values: ``(B, 3, H, W)`` normalised images.
+            prompts: one real-text prompt per image (or one string for all).
+            masks: ``(B, K, H, W)`` class masks in [0, 1].
+            hooks: the hooks the forward pass will be given (their text context tokens are
+                reserved in the token ids).
+        """
+        pixel_values = check_pixels(pixel_values)
+        all_hooks = (self.roi_tokens, *self._run_hooks(hooks))
+        texts = self._check_prompts(prompts, pixel_values.shape[0])
+        return self._prepare_text(
+            pixel_values, texts, self._check_masks(masks, pixel_values), all_hooks
+        )
+
+    def _prepare_text(
         self, pixel_values: Tensor, prompts: list[str], masks: Tensor, hooks: Sequence[TowerHook]
-    ) -> tuple[Tensor, Tensor, ROISlots]:
+    ) -> CoTexNetText:
         roi, rows, _ = self.roi_images(pixel_values, masks)
         counts = torch.bincount(rows, minlength=len(prompts)).tolist()
         reserve = sum(h.num_tokens("text") for h in hooks if "text" in h.towers)
@@ -399,18 +453,39 @@ class CoTexNet(VLSM):
             raise ValueError(
                 "a prompt lost its ROI placeholders (truncated?); shorten the real-text prompt"
             )
+        return CoTexNetText(ids, mask, roi, rows, positions, token_ids)
+
+    def _text_inputs(
+        self, pixel_values: Tensor, prompts: list[str], masks: Tensor, hooks: Sequence[TowerHook]
+    ) -> tuple[Tensor, Tensor, ROISlots]:
+        """Token ids, mask and ROI slots of checked prompts and masks."""
+        text = self._prepare_text(pixel_values, prompts, masks, hooks)
+        return self._text_slots(text, pixel_values.shape[0])
+
+    def _text_slots(self, text: CoTexNetText, batch: int) -> tuple[Tensor, Tensor, ROISlots]:
+        """Token ids, mask and ROI slots (ROI [CLS] tokens from the frozen vision tower)."""
+        if text.input_ids.dim() != 2 or text.input_ids.shape[0] != batch:
+            raise ValueError(
+                f"prepared text must hold one token row per image (B={batch}), got input_ids "
+                f"{tuple(text.input_ids.shape)}"
+            )
+        roi = text.roi
         features = (
             self.vision_tower(roi).state.tokens[:, 0]
-            if rows.numel()
+            if roi.shape[0]
             else roi.new_zeros(0, self.vision_tower.width)
         )
-        return ids, mask, ROISlots(features, rows, positions, token_ids)
+        return (
+            text.input_ids,
+            text.attention_mask,
+            ROISlots(features, text.rows, text.positions, text.token_ids),
+        )
 
     # ------------------------------------------------------------------ forward
     def forward(
         self,
         pixel_values: Tensor,
-        prompts: str | Sequence[str] | None = None,
+        prompts: str | Sequence[str] | CoTexNetText | None = None,
         *,
         masks: Tensor | None = None,
         condition: str = "auto",
@@ -421,8 +496,11 @@ class CoTexNet(VLSM):
         Args:
             pixel_values: ``(B, 3, H, W)`` normalised images, H and W multiples of the patch size.
             prompts: the real-text prompts ``T_r``, one string per image (multi-class: the class
-                sentences joined), or None for text-free inference.
-            masks: ``(B, K, H, W)`` class masks in [0, 1] (the ROIs); with ``prompts`` only.
+                sentences joined), or None for text-free inference; or their tensor form from
+                :meth:`prepare_text` (the pass then has no data-dependent step: it compiles
+                with ``fullgraph=True``).
+            masks: ``(B, K, H, W)`` class masks in [0, 1] (the ROIs); with ``prompts`` only
+                (optional with prepared text, which holds its ROIs).
             condition: ``"auto"`` (``"mixture"`` in train mode when prompts and masks are given,
                 else ``"image"``), ``"mixture"`` (SAN-KD training, eq. 11), ``"image"`` (text-free,
                 eq. 12; with prompts and masks ``text_embedding`` is still returned for the
@@ -443,9 +521,13 @@ class CoTexNet(VLSM):
         ctx = RunContext()
         ids = mask = None
         if textual:
-            texts = self._check_prompts(prompts, b)
-            masks = self._check_masks(masks, pixel_values)
-            ids, mask, ctx.extras[ROI_SLOTS] = self._text_inputs(pixel_values, texts, masks, hooks)
+            text = prompts
+            if masks is not None:
+                masks = self._check_masks(masks, pixel_values)
+            if not isinstance(text, CoTexNetText):
+                texts = self._check_prompts(prompts, b)
+                text = self._prepare_text(pixel_values, texts, masks, hooks)
+            ids, mask, ctx.extras[ROI_SLOTS] = self._text_slots(text, b)
             ctx.text_image_index = torch.arange(b, device=pixel_values.device)
         else:
             lockstep = [type(h).__name__ for h in hooks if h.lockstep]

@@ -273,6 +273,20 @@ class TunedModel(VLSM):
         }
 
     # ------------------------------------------------------------------ forward
+    def tokenize(self, prompts: str | Sequence[str], *, reserve: int = 0) -> tuple[Tensor, Tensor]:
+        """``(input_ids, attention_mask)`` ``(T, L)`` by the base's rule, leaving room for the text
+        context tokens of the hooks (the base's own and this model's), as ``forward`` does.
+
+        Raises:
+            TypeError: the base takes no token ids (it has no ``tokenize``).
+        """
+        tokenize = getattr(self.base, "tokenize", None)
+        if not callable(tokenize):
+            raise TypeError(f"{type(self.base).__name__} takes no pre-tokenised prompts")
+        hooks = (*getattr(self.base, "hooks", ()), *self.hooks)
+        reserve += sum(h.num_tokens("text") for h in hooks if "text" in h.towers)
+        return tokenize(prompts, reserve=reserve)
+
     def forward(
         self,
         pixel_values: Tensor,
