@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -218,6 +218,28 @@ def eval_mode(model: nn.Module):
         yield model
     finally:
         model.train(was_training)
+
+
+def preprocessing_from_hf(pre: Mapping[str, Any]) -> dict[str, Any]:
+    """``image_size`` / ``image_mean`` / ``image_std`` of a transformers ``preprocessor_config.json``.
+
+    The size is the center crop's when the processor crops (CLIP: resize the shortest edge, then
+    crop), else the resize target (CLIPSeg: ``{"height", "width"}``); fields that are absent are
+    left out, so the model's defaults apply. Values are validated later by :func:`preprocessing_args`.
+    """
+    out: dict[str, Any] = {}
+    crop = pre.get("crop_size") if pre.get("do_center_crop", True) else None
+    size = crop or pre.get("size")
+    if isinstance(size, int):
+        out["image_size"] = size
+    elif isinstance(size, Mapping) and "height" in size and "width" in size:
+        out["image_size"] = (size["height"], size["width"])
+    elif isinstance(size, Mapping) and "shortest_edge" in size:
+        out["image_size"] = size["shortest_edge"]
+    for key in ("image_mean", "image_std"):
+        if pre.get(key):
+            out[key] = tuple(pre[key])
+    return out
 
 
 def preprocessing_args(

@@ -40,6 +40,7 @@ from ..encoders.hooks import TowerHook
 from ..hub import CheckpointError, check_state_dict, load_checkpoint_file, read_json, resolve_file
 from ..registry import register_model
 from ..tokenizers import PromptTokenizer, load_tokenizer
+from ._backbones import biomedclip
 from .clipseg import CLIPSeg
 
 if TYPE_CHECKING:
@@ -473,24 +474,6 @@ class BiomedCLIPSeg(CLIPSeg):
 
 
 # ---------------------------------------------------------------------- registry
-def _biomedclip_backbone() -> dict[str, Any]:
-    return {
-        "kind": "open_clip",
-        "embed_dim": 512,
-        "vision_cfg": {
-            "timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False,
-            "timm_pool": "", "timm_proj": "linear", "image_size": 224,
-        },
-        "bert_config": dict(
-            vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-            intermediate_size=3072, hidden_act="gelu", max_position_embeddings=512,
-            type_vocab_size=2, layer_norm_eps=1e-12, pad_token_id=0,
-        ),
-        "text_proj": "mlp",
-        "text_pooler": "cls_last_hidden_state_pooler",
-    }  # fmt: skip
-
-
 def _tiny_backbone() -> dict[str, Any]:
     # timm's test_vit (patch 16, width 64, 6 blocks) with a tiny 6-block CLIP text tower, so the tiny
     # models tokenize offline (a BERT tower needs vocabulary files)
@@ -512,7 +495,7 @@ def _tiny_backbone() -> dict[str, Any]:
     "(weights: BiomedCLIPSeg.from_biomedclip)",
 )
 def biomedclipseg(**kwargs) -> BiomedCLIPSeg:
-    defaults = dict(backbone=_biomedclip_backbone(), context_length=256, tokenizer=BIOMEDCLIP_ID)
+    defaults = dict(backbone=biomedclip(), context_length=256, tokenizer=BIOMEDCLIP_ID)
     return BiomedCLIPSeg(**{**defaults, **kwargs})
 
 
@@ -523,7 +506,7 @@ def biomedclipseg(**kwargs) -> BiomedCLIPSeg:
 )
 def biomedclipseg_d(**kwargs) -> BiomedCLIPSeg:
     defaults = dict(
-        backbone=_biomedclip_backbone(), context_length=256, tokenizer=BIOMEDCLIP_ID,
+        backbone=biomedclip(), context_length=256, tokenizer=BIOMEDCLIP_ID,
         decoder_init="clipseg",
     )  # fmt: skip
     return BiomedCLIPSeg(**{**defaults, **kwargs})

@@ -37,6 +37,7 @@ from ..hub import (
     resolve_file,
 )
 from ..registry import register_model
+from ._backbones import hf_clip_vit_b16
 from .base import (
     VLSM,
     _pairing,
@@ -45,6 +46,7 @@ from .base import (
     pair_rows,
     parse_text_prompts,
     preprocessing_args,
+    preprocessing_from_hf,
 )
 from .outputs import CLIPSegOutput
 
@@ -464,7 +466,7 @@ class CLIPSeg(VLSM):
         kwargs: dict[str, Any] = {}
         pre = resolve_file(id_or_path, "preprocessor_config.json", required=False, **hub_kwargs)
         if pre is not None:
-            kwargs.update(_preprocessing_from_hf(read_json(pre)))
+            kwargs.update(preprocessing_from_hf(read_json(pre)))
         spec = TransformersCLIPSpec.from_hf_config(config)
         state, source = cls._load_weights_file(id_or_path, **hub_kwargs)
         # decoder fields of transformers' CLIPSegConfig, with its defaults; built without weights
@@ -508,39 +510,7 @@ def _hook_keeps(hooks: Sequence[TowerHook], tower: str) -> list[int]:
     return sorted({i for h in hooks if tower in h.towers for i in h.keep_layers(tower)})
 
 
-def _preprocessing_from_hf(pre: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    size = pre.get("size")
-    if isinstance(size, int):
-        out["image_size"] = size
-    elif isinstance(size, dict) and "height" in size and "width" in size:
-        out["image_size"] = (size["height"], size["width"])
-    elif isinstance(size, dict) and "shortest_edge" in size:
-        out["image_size"] = size["shortest_edge"]
-    if pre.get("image_mean"):
-        out["image_mean"] = tuple(pre["image_mean"])
-    if pre.get("image_std"):
-        out["image_std"] = tuple(pre["image_std"])
-    return out
-
-
 # ---------------------------------------------------------------------- registry
-def _clip_b16(**vision_overrides) -> dict[str, Any]:
-    return {
-        "text_config": dict(
-            vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-            num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu",
-            layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-        ),
-        "vision_config": dict(
-            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            num_channels=3, image_size=224, patch_size=16, hidden_act="quick_gelu",
-            layer_norm_eps=1e-5, **vision_overrides,
-        ),
-        "projection_dim": 512,
-    }  # fmt: skip
-
-
 def _tiny_backbone() -> dict[str, Any]:
     return {
         "text_config": dict(
@@ -563,7 +533,7 @@ def _tiny_backbone() -> dict[str, Any]:
     description="CLIPSeg ViT-B/16, reduce_dim 64, refined upsampler (medvlsm's checkpoint)",
 )
 def clipseg_rd64_refined(**kwargs) -> CLIPSeg:
-    return CLIPSeg(backbone=_clip_b16(), reduce_dim=64, complex_upsampler=True, **kwargs)
+    return CLIPSeg(backbone=hf_clip_vit_b16(), reduce_dim=64, complex_upsampler=True, **kwargs)
 
 
 @register_model(
@@ -572,14 +542,14 @@ def clipseg_rd64_refined(**kwargs) -> CLIPSeg:
     description="CLIPSeg ViT-B/16, reduce_dim 64 (TuneVLSeg's checkpoint)",
 )
 def clipseg_rd64(**kwargs) -> CLIPSeg:
-    return CLIPSeg(backbone=_clip_b16(), reduce_dim=64, **kwargs)
+    return CLIPSeg(backbone=hf_clip_vit_b16(), reduce_dim=64, **kwargs)
 
 
 @register_model(
     "clipseg-rd16", hub_id="CIDAS/clipseg-rd16", description="CLIPSeg ViT-B/16, reduce_dim 16"
 )
 def clipseg_rd16(**kwargs) -> CLIPSeg:
-    return CLIPSeg(backbone=_clip_b16(), reduce_dim=16, **kwargs)
+    return CLIPSeg(backbone=hf_clip_vit_b16(), reduce_dim=16, **kwargs)
 
 
 @register_model(

@@ -40,8 +40,9 @@ from ..encoders.runner import embed_tower, run_towers
 from ..hub import CheckpointError, load_state_dict_strict
 from ..layers.sankd import SANKD, CLSEmbeddingPredictor
 from ..registry import register_model
+from ._backbones import hf_clip_vit_b16
 from .base import VLSM, _as_image_list, check_pixels, eval_mode
-from .clipseg import CLIPSeg, _clip_b16, _tiny_backbone
+from .clipseg import CLIPSeg, _tiny_backbone
 from .outputs import SegmentationOutput
 
 if TYPE_CHECKING:
@@ -714,7 +715,7 @@ def _from(clipseg: Any, model: CoTexNet) -> CoTexNet:
     "it from a CLIPSeg checkpoint, e.g. 'CIDAS/clipseg-rd64-refined'",
 )
 def cotexnet_clipseg_rd64_refined(*, clipseg: Any = None, **kwargs) -> CoTexNet:
-    model = CoTexNet(backbone=_clip_b16(), reduce_dim=64, complex_upsampler=True, **kwargs)
+    model = CoTexNet(backbone=hf_clip_vit_b16(), reduce_dim=64, complex_upsampler=True, **kwargs)
     return _from(clipseg, model)
 
 
@@ -725,7 +726,7 @@ def cotexnet_clipseg_rd64_refined(*, clipseg: Any = None, **kwargs) -> CoTexNet:
 )
 def cotexnet_clipseg_rd64_refined_released(*, clipseg: Any = None, **kwargs) -> CoTexNet:
     options = {**RELEASED_OPTIONS, **kwargs}
-    model = CoTexNet(backbone=_clip_b16(), reduce_dim=64, complex_upsampler=True, **options)
+    model = CoTexNet(backbone=hf_clip_vit_b16(), reduce_dim=64, complex_upsampler=True, **options)
     return _from(clipseg, model)
 
 

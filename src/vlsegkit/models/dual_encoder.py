@@ -54,7 +54,15 @@ from ..hub import (
 )
 from ..registry import register_model
 from ..tokenizers import PromptTokenizer, load_tokenizer
-from .base import VLSM, ImageInput, _as_image_list, check_pixels, eval_mode
+from ._backbones import biomedclip, hf_clip_vit_b16, tiny_open_clip
+from .base import (
+    VLSM,
+    ImageInput,
+    _as_image_list,
+    check_pixels,
+    eval_mode,
+    preprocessing_from_hf,
+)
 
 if TYPE_CHECKING:
     from ..tasks import Task
@@ -464,7 +472,7 @@ class DualEncoder(VLSM):
         kwargs: dict[str, Any] = {}
         pre = resolve_file(id_or_path, "preprocessor_config.json", required=False, **hub_kwargs)
         if pre is not None:
-            kwargs.update(_hf_preprocessing(read_json(pre)))
+            kwargs.update(preprocessing_from_hf(read_json(pre)))
         spec = TransformersCLIPSpec.from_hf_config(config)
         model = cls(backbone=spec.to_dict(), **kwargs)
         state, source = cls._load_weights_file(id_or_path, **hub_kwargs)
@@ -538,51 +546,14 @@ class DualEncoder(VLSM):
         )
 
 
-def _hf_preprocessing(pre: dict[str, Any]) -> dict[str, Any]:
-    """Image size and normalisation of a transformers CLIP ``preprocessor_config.json``."""
-    out: dict[str, Any] = {}
-    size = pre.get("crop_size") or pre.get("size")
-    if isinstance(size, int):
-        out["image_size"] = size
-    elif isinstance(size, dict) and "height" in size and "width" in size:
-        out["image_size"] = (size["height"], size["width"])
-    elif isinstance(size, dict) and "shortest_edge" in size:
-        out["image_size"] = size["shortest_edge"]
-    if pre.get("image_mean"):
-        out["image_mean"] = tuple(pre["image_mean"])
-    if pre.get("image_std"):
-        out["image_std"] = tuple(pre["image_std"])
-    return out
-
-
 # ---------------------------------------------------------------------- registry
-def _biomedclip_backbone() -> dict[str, Any]:
-    # BiomedCLIP's open_clip_config.json: timm ViT-B/16 at 224 with a linear head, PubMedBERT
-    # (BERT-base, uncased 30522 vocabulary) with an MLP projection on the last [CLS] state
-    return {
-        "kind": "open_clip",
-        "embed_dim": 512,
-        "vision_cfg": {
-            "timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False,
-            "timm_pool": "", "timm_proj": "linear", "image_size": 224,
-        },
-        "bert_config": dict(
-            vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-            intermediate_size=3072, hidden_act="gelu", max_position_embeddings=512,
-            type_vocab_size=2, layer_norm_eps=1e-12, pad_token_id=0,
-        ),
-        "text_proj": "mlp",
-        "text_pooler": "cls_last_hidden_state_pooler",
-    }  # fmt: skip
-
-
 @register_model(
     "biomedclip-vit-b16",
     description="BiomedCLIP (timm ViT-B/16 + PubMedBERT-256) as a dual encoder, MedCLIP-SAMv2's "
     "fine-tuning base; weights: DualEncoder.from_open_clip(BIOMEDCLIP_ID)",
 )
 def biomedclip_vit_b16(**kwargs) -> DualEncoder:
-    defaults = dict(backbone=_biomedclip_backbone(), context_length=256, tokenizer=BIOMEDCLIP_ID)
+    defaults = dict(backbone=biomedclip(), context_length=256, tokenizer=BIOMEDCLIP_ID)
     return DualEncoder(**{**defaults, **kwargs})
 
 
@@ -592,21 +563,7 @@ def biomedclip_vit_b16(**kwargs) -> DualEncoder:
     description="OpenAI CLIP ViT-B/16 (transformers CLIPModel) as a dual encoder",
 )
 def clip_vit_b16(**kwargs) -> DualEncoder:
-    backbone = {
-        "kind": "transformers_clip",
-        "model": "clip",
-        "text_config": dict(
-            vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-            num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu",
-            layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-        ),
-        "vision_config": dict(
-            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            num_channels=3, image_size=224, patch_size=16, hidden_act="quick_gelu",
-            layer_norm_eps=1e-5,
-        ),
-        "projection_dim": 512,
-    }  # fmt: skip
+    backbone = {"kind": "transformers_clip", "model": "clip", **hf_clip_vit_b16()}
     return DualEncoder(**{"backbone": backbone, **kwargs})
 
 
@@ -615,13 +572,5 @@ def clip_vit_b16(**kwargs) -> DualEncoder:
     description="A tiny random dual encoder (open_clip ViT + CLIP BPE text, width 64) for tests",
 )
 def dual_encoder_tiny(**kwargs) -> DualEncoder:
-    backbone = {
-        "kind": "open_clip",
-        "embed_dim": 32,
-        "quick_gelu": True,
-        "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 64, "layers": 4,
-                       "head_width": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4,
-                     "layers": 4},
-    }  # fmt: skip
+    backbone = tiny_open_clip()
     return DualEncoder(**{"backbone": backbone, "image_size": 64, **kwargs})

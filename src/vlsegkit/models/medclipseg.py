@@ -48,6 +48,7 @@ from ..layers import PixelTextHead
 from ..registry import register_model
 from ..tokenizers import PromptTokenizer, load_tokenizer
 from ..uncertainty import UncertaintyOutput, derive_generators, monte_carlo_predict
+from ._backbones import tiny_open_clip
 from .base import (
     VLSM,
     ImageInput,
@@ -874,15 +875,7 @@ def medclipseg_clip_vit_b16(**kwargs) -> MedCLIPSeg:
     description="A tiny random MedCLIPSeg (width 64, 4 layers, CLIP BPE text) for tests and demos",
 )
 def medclipseg_tiny(**kwargs) -> MedCLIPSeg:
-    backbone = {
-        "kind": "open_clip",
-        "embed_dim": 32,
-        "quick_gelu": True,
-        "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 64, "layers": 4,
-                       "head_width": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4,
-                     "layers": 4},
-    }  # fmt: skip
+    backbone = tiny_open_clip()
     defaults = dict(
         backbone=backbone, adapter_dim=32, text_padding="longest", image_size=64,
     )  # fmt: skip
