@@ -97,8 +97,11 @@ def _tensors(output) -> dict[str, torch.Tensor]:
 def _assert_close(a: dict, b: dict, what: str) -> None:
     assert a.keys() == b.keys(), what
     for key in a:
-        err = (a[key].detach().float() - b[key].detach().float()).abs().max().item()
-        assert err <= TOL, f"{what} {key}: compiled differs from eager by {err:.2e}"
+        ref = a[key].detach().float()
+        err = (ref - b[key].detach().float()).abs().max().item()
+        # 1e-5 of the values' scale (at least 1e-5): CRIS's logits reach ~10 on the tiny model
+        bound = TOL * max(1.0, ref.abs().max().item())
+        assert err <= bound, f"{what} {key}: compiled differs from eager by {err:.2e} > {bound:.1e}"
 
 
 def _step(model, task, batch, seed: int):
@@ -129,6 +132,13 @@ def _compare_training(make_model) -> None:
         got = _step(compiled.train(), task, batch, seed)
         for what, a, b in zip(("output", "loss terms", "gradients", "weights"), ref, got):
             _assert_close(a, b, f"step {step} {what}")
+        # the second step must read the updated weights; start both from the same ones, since
+        # rounding differences (~1e-6) would otherwise be amplified by ill-conditioned tiny
+        # models (CRIS's BatchNorm over 2 images x 2x2 maps) rather than test the compiler
+        with torch.no_grad():
+            reference = {**dict(eager.named_parameters()), **dict(eager.named_buffers())}
+            for n, t in [*base.named_parameters(), *base.named_buffers()]:
+                t.copy_(reference[n])
         assert ref[2], "no parameter received a gradient"
         assert torch.isfinite(ref[1]["loss"])
     if isinstance(eager, SupportsUncertainty):  # the passes compared above did sample

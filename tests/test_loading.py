@@ -67,6 +67,8 @@ def _logits(model, pixels, **kwargs) -> torch.Tensor:
     with torch.no_grad():
         if isinstance(model, vlsegkit.CoTexNet):
             return model(pixels).logits
+        if "prompts" in kwargs:  # positional: DualEncoder names its second argument texts
+            return model(pixels, kwargs.pop("prompts"), **kwargs).logits
         return model(pixels, **kwargs).logits
 
 
@@ -115,6 +117,12 @@ EXPECTED_NON_PERSISTENT = {
     "clipseg-tiny": _CLIPSEG_HIDDEN,
     "cotexnet-tiny": {f"clipseg.{k}" for k in _CLIPSEG_HIDDEN},
     "medclipseg-tiny": {"text_tower.text.attn_mask"},
+    # open_clip's CLIP text transformer (CRIS's word encoder; the tiny BiomedCLIPSeg and dual
+    # encoder use a CLIP-BPE text tower too)
+    "cris-tiny": {"text_tower.text.attn_mask"},
+    "biomedclipseg-tiny": {"text_tower.text.attn_mask"},
+    "biomedclipseg-d-tiny": {"text_tower.text.attn_mask"},
+    "dual-encoder-tiny": {"text_tower.text.attn_mask"},
 }
 
 

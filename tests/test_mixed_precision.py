@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from vlsegkit import create_model, list_models
 from vlsegkit.encoders import TokenState, attention_bias, create_towers
@@ -181,6 +182,19 @@ def test_training_step_under_autocast_has_fp32_finite_loss_and_gradients(name, d
     masks = (torch.rand(2, 1, *x.shape[-2:], generator=g) > 0.6).float()
     batch = {"image": x, "mask": masks, "prompt": PROMPTS[:2]}
     task = model.default_task()
+    batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if batch_norms:
+        # Batch statistics of 2 images in half precision are coarse: upstream open_clip's
+        # ModifiedResNet alone differs from fp32 by ~5% (bf16) in train mode, 0.3% in eval mode.
+        # Train-mode BatchNorm must stay finite with fp32 losses; the comparison with fp32 then
+        # runs on running statistics, so it measures the rest of the model.
+        with torch.autocast("cpu", dtype=dtype):
+            out = task.training_step(model, batch)
+        out["loss"].backward()
+        assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+        assert all(torch.isfinite(p.grad).all() for p in model.trainable_parameters())
+        for m in batch_norms:
+            m.eval()
     terms = {}
     for key in ("ref", "low"):
         model.zero_grad()
@@ -317,6 +331,11 @@ def test_predict_with_uncertainty_under_autocast(dtype):
 @pytest.mark.parametrize("name", TINY)
 def test_channels_last_images_give_the_same_outputs_and_gradients(name):
     model = _model(name, train=True)
+    for m in model.modules():
+        # a dropout mask is drawn in memory order: a channels-last activation (CRIS's ResNet
+        # features) gets another mask from the same seed, so dropout is off for this comparison
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
     x = _inputs(model)
     last = x.to(memory_format=torch.channels_last)
     assert last.is_contiguous(memory_format=torch.channels_last) and not last.is_contiguous()
@@ -337,5 +356,8 @@ def test_channels_last_images_give_the_same_outputs_and_gradients(name):
             ]
         )  # (parts unused without text -- CoTexNet's ROI mapping -- get no gradient)
         results.append((out.detach(), grads))
-    assert (results[0][0] - results[1][0]).abs().max() < 1e-5
-    assert (results[0][1] - results[1][1]).abs().max() < 1e-5
+    # relative to the values' scale: convolutions in channels-last order sum in another order;
+    # through train-mode BatchNorm (CRIS's ResNet) each layout's fp32 gradients are ~4e-5 (relative)
+    # from a float64 run, so gradients get 1e-4
+    for (a, b), tol in zip(zip(results[0], results[1]), (1e-5, 1e-4)):
+        assert (a - b).abs().max() <= tol * max(1.0, a.abs().max().item())

@@ -44,8 +44,12 @@ def unique_token_rows(
 
     Returns:
         ``(ids (U, L), mask (U, L) or None, index (B, C))`` with ``U <= T`` distinct rows, kept in
-        order of first appearance, and the index remapped onto them.
+        order of first appearance, and the index remapped onto them. Under ``torch.compile`` the
+        rows are returned unchanged: comparing them reads the ids back to the host, which would
+        break the graph.
     """
+    if torch.compiler.is_compiling():
+        return input_ids, attention_mask, index
     rows = input_ids if attention_mask is None else torch.cat([input_ids, attention_mask.long()], 1)
     keys = [tuple(r) for r in rows.tolist()]
     first: dict[tuple, int] = {}

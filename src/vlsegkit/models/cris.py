@@ -360,6 +360,21 @@ class CRIS(VLSM):
         for hook in hooks:
             slots.require(hook)
 
+    def tokenize(self, prompts: str | Sequence[str], *, reserve: int = 0) -> tuple[Tensor, Tensor]:
+        """``(input_ids, attention_mask)`` ``(T, word_len)`` as ``forward`` tokenises prompts, on
+        the model's device.
+
+        ``forward(pixel_values, input_ids=..., attention_mask=...)`` with them is the tensor-only
+        pass (what ``torch.compile(model, fullgraph=True)`` captures in one graph).
+
+        Args:
+            prompts: one string or T strings.
+            reserve: text positions left free for context tokens hooks insert.
+        """
+        tokens = self.tokenizer(prompts, reserve=reserve)
+        device = self.proj.txt.weight.device
+        return tokens.input_ids.to(device), tokens.attention_mask.to(device)
+
     def _text_rows(self, batch, prompts, input_ids, attention_mask, hooks):
         if (prompts is None) == (input_ids is None):
             raise ValueError("pass exactly one of prompts or input_ids")

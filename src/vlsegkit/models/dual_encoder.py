@@ -294,6 +294,20 @@ class DualEncoder(VLSM):
             embeds = hook.condition(embeds, ctx)
         return embeds
 
+    def tokenize(self, texts: str | Sequence[str], *, reserve: int = 0) -> tuple[Tensor, Tensor]:
+        """``(input_ids, attention_mask)`` ``(T, L)`` as ``forward`` tokenises texts, on the
+        model's device: the tensor-only pass ``forward(pixel_values, input_ids=...,
+        attention_mask=...)`` is what ``torch.compile(model, fullgraph=True)`` captures whole.
+
+        Args:
+            texts: one string or T strings.
+            reserve: text positions left free for context tokens hooks insert.
+        """
+        rows = [texts] if isinstance(texts, str) else list(texts)
+        batch = self.tokenizer(rows, context_length=self.context_length, reserve=reserve)
+        device = next(self.text_tower.parameters()).device
+        return batch.input_ids.to(device), batch.attention_mask.to(device)
+
     def _token_rows(self, texts, input_ids, attention_mask, hooks, device) -> tuple[Tensor, Any]:
         if (texts is None) == (input_ids is None):
             raise ValueError("pass exactly one of texts or input_ids")
