@@ -399,7 +399,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         paths = prepare(root, small=args.small)
         print(f"checkpoints in {root} ({time.perf_counter() - start:.0f} s to write)")
         for name, path in paths.items():
-            size = sum(f.stat().st_size for f in Path(path).parent.rglob("*") if f.is_file())
+            p = Path(path)  # a checkpoint folder, or a single .pth file
+            size = sum(
+                f.stat().st_size for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()
+            )
             print(f"  {name}: {size / GIB:.2f} GiB")
         runs: dict[tuple[str, str], list[dict]] = {cell: [] for cell in CELLS}
         for r in range(args.repeats):
