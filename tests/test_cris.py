@@ -531,3 +531,19 @@ def test_registry_entries():
     with torch.device("meta"):
         rn101 = vlsegkit.create_model("cris-rn101")
     assert rn101.config["fpn_in"] == [512, 1024, 512] and rn101.config["word_dim"] == 512
+
+
+def test_from_released_file_is_assigned_and_a_state_dict_is_copied(released, model, load_calls):
+    """One copy of the weights: a checkpoint read from a file is assigned into a model built without
+    weights; a state dict the caller holds is copied, so the model shares no memory with it."""
+    from_file = CRIS.from_released(released, num_head=4)
+    assert load_calls == [True]
+    assert not any(p.is_meta for p in from_file.parameters())
+    ref = model.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in from_file.state_dict().items())
+    load_calls.clear()
+    state = torch.load(released, weights_only=True)["state_dict"]
+    from_dict = CRIS.from_released(state, num_head=4)
+    assert load_calls == [False]
+    ptrs = {v.data_ptr() for v in state.values()}
+    assert all(p.data_ptr() not in ptrs for p in from_dict.parameters())

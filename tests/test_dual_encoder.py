@@ -267,3 +267,18 @@ def test_bert_tower_without_tokenizer_asks_for_one():
         model.encode_text("a lesion")
     ids = torch.tensor([[2, 7, 9, 3]])  # token ids work without one
     assert model.encode_text(input_ids=ids).shape == (1, 16)
+
+
+def test_loading_assigns_the_files_tensors(hf_clip, biomedclip_folder, load_calls):
+    """transformers and open_clip folders load with one copy of the weights: built without weights,
+    the file's tensors assigned (no random initialisation, no copy); same values as upstream."""
+    root, clip = hf_clip
+    model = vlsegkit.VLSM.from_pretrained(root)
+    assert load_calls == [True] and not any(p.is_meta for p in model.parameters())
+    assert torch.equal(model.upstream_state_dict()["text_projection.weight"],
+                       clip.state_dict()["text_projection.weight"])  # fmt: skip
+    load_calls.clear()
+    folder, _ = biomedclip_folder
+    hooked = DualEncoder.from_open_clip(folder, hooks=[vlsegkit.CoOp(num_context=2, init=None)])
+    assert load_calls == [True] and not any(p.is_meta for p in hooked.parameters())
+    assert len(hooked.hooks) == 1 and hooked.config["hooks"]  # bound after the load

@@ -84,20 +84,6 @@ def _inside_mapping(tensor: torch.Tensor, path) -> bool:
     return any(low <= start and end <= high for low, high, _ in maps)
 
 
-@pytest.fixture
-def load_calls(monkeypatch):
-    """The ``assign`` argument of every ``nn.Module.load_state_dict`` call."""
-    calls = []
-    original = nn.Module.load_state_dict
-
-    def spy(self, state_dict, strict=True, assign=False):
-        calls.append(assign)
-        return original(self, state_dict, strict=strict, assign=assign)
-
-    monkeypatch.setattr(nn.Module, "load_state_dict", spy)
-    return calls
-
-
 # ---------------------------------------------------------------------- building without weights
 def _non_persistent(model: nn.Module) -> set[str]:
     return {

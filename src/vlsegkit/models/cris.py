@@ -20,6 +20,7 @@ CRIS.pytorch checkpoints (the community RefCOCO R50 one that medvlsm and TuneVLS
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from ..encoders.factory import (
 from ..encoders.hooks import HookSlots, RunContext, TowerHook
 from ..encoders.open_clip_resnet import keep_frozen_batchnorm_in_eval
 from ..encoders.runner import embed_tower, run_towers
-from ..hub import CheckpointError, check_state_dict, load_state_dict_strict
+from ..hub import CheckpointError, check_state_dict, empty_weights, load_state_dict_strict
 from ..registry import register_model
 from .base import (
     VLSM,
@@ -538,10 +539,14 @@ class CRIS(VLSM):
                     f"{name}={config[name]!r}"
                 )
         hooks = overrides.pop("hooks", ())
-        model = cls(**{**config, **overrides})
+        # read from a file: the file's tensors are assigned (one copy of the weights); a state
+        # dict the caller holds is copied, so the model does not share memory with it
+        from_file = isinstance(checkpoint, (str, os.PathLike))
+        with empty_weights() if from_file else contextlib.nullcontext():
+            model = cls(**{**config, **overrides})
         converted, _ = convert_cris_state_dict(state)
-        source = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else "state dict"
-        load_state_dict_strict(model, converted, source=str(source))
+        source = checkpoint if from_file else "state dict"
+        load_state_dict_strict(model, converted, source=str(source), assign=from_file)
         if hooks:  # model-owned hooks start fresh on the released weights
             model.hooks = model._bind_hooks(hooks)
             model._set_config_arg(hooks=list(model.hooks))

@@ -47,6 +47,7 @@ from ..encoders.hooks import HookSlots, RunContext, TowerHook
 from ..encoders.runner import embed_tower, run_towers
 from ..hub import (
     CheckpointError,
+    empty_weights,
     load_checkpoint_file,
     load_state_dict_strict,
     read_json,
@@ -450,12 +451,17 @@ class DualEncoder(VLSM):
         # (non-persistent buffers such as position ids are in neither state dict)
         return {up: ours[key] for up, key in self._upstream_keys.items() if key in ours}
 
-    def load_upstream_state_dict(self, state: dict[str, Tensor], *, source: str = "") -> None:
+    def load_upstream_state_dict(
+        self, state: dict[str, Tensor], *, source: str = "", assign: bool = False
+    ) -> None:
         """Load an upstream state dict (the names :meth:`upstream_state_dict` gives) strictly.
 
         A ``module.`` / ``model.`` prefix (checkpoints saved from a DDP or other wrapper, e.g. an
         open_clip training checkpoint's ``state_dict``) and legacy ``position_ids`` buffers are
         dropped; a missing ``logit_scale`` keeps the current value.
+
+        ``assign=True`` takes the given tensors instead of copying them (a model built with
+        :func:`~vlsegkit.hub.empty_weights`, loading a memory-mapped file: one copy of the weights).
 
         Raises:
             CheckpointError: missing, unexpected or mis-shaped tensors (named).
@@ -474,7 +480,9 @@ class DualEncoder(VLSM):
                 converted.setdefault(name, tensor)
         if "logit_scale" in converted and converted["logit_scale"].dim() == 1:
             converted["logit_scale"] = converted["logit_scale"].reshape(())
-        load_state_dict_strict(self, converted, source=source or "upstream state dict")
+        load_state_dict_strict(
+            self, converted, source=source or "upstream state dict", assign=assign
+        )
 
     @classmethod
     def _claims_foreign(cls, config: dict[str, Any]) -> bool:
@@ -488,9 +496,10 @@ class DualEncoder(VLSM):
         if pre is not None:
             kwargs.update(preprocessing_from_hf(read_json(pre)))
         spec = TransformersCLIPSpec.from_hf_config(config)
-        model = cls(backbone=spec.to_dict(), **kwargs)
         state, source = cls._load_weights_file(id_or_path, **hub_kwargs)
-        model.load_upstream_state_dict(state, source=source)
+        with empty_weights():  # the weights come from the (memory-mapped) file, not copied
+            model = cls(backbone=spec.to_dict(), **kwargs)
+        model.load_upstream_state_dict(state, source=source, assign=True)
         return model
 
     @classmethod
@@ -549,11 +558,17 @@ class DualEncoder(VLSM):
             args["image_mean"] = tuple(pre["mean"])
         if pre.get("std"):
             args["image_std"] = tuple(pre["std"])
-        model = cls(**{**args, **overrides})
+        hooks = overrides.pop("hooks", ())
         for name in _OPEN_CLIP_WEIGHTS:
             path = resolve_file(name_or_path, name, required=False, **kw)
             if path is not None:
-                model.load_upstream_state_dict(load_checkpoint_file(path), source=str(path))
+                state = load_checkpoint_file(path, check_in_background=True)
+                with empty_weights():  # one copy of the weights: the file's, assigned
+                    model = cls(**{**args, **overrides})
+                model.load_upstream_state_dict(state, source=str(path), assign=True)
+                if hooks:  # model-owned hooks start fresh on the loaded towers
+                    model.hooks = model._bind_hooks(hooks)
+                    model._set_config_arg(hooks=list(model.hooks))
                 return model._mark_source(name_or_path, revision).eval()
         raise CheckpointError(
             f"no open_clip weights in {name_or_path}: expected one of {list(_OPEN_CLIP_WEIGHTS)}"
