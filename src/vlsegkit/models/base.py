@@ -220,7 +220,14 @@ def eval_mode(model: nn.Module):
         model.train(was_training)
 
 
-def preprocessing_from_hf(pre: Mapping[str, Any]) -> dict[str, Any]:
+def preprocessing_from_hf(id_or_path: Any, **hub_kwargs: Any) -> dict[str, Any]:
+    """``image_size`` / ``image_mean`` / ``image_std`` from the ``preprocessor_config.json`` of a
+    transformers folder or Hub repo ({} when it has none); see :func:`_preprocessing_fields`."""
+    pre = resolve_file(id_or_path, "preprocessor_config.json", required=False, **hub_kwargs)
+    return {} if pre is None else _preprocessing_fields(read_json(pre))
+
+
+def _preprocessing_fields(pre: Mapping[str, Any]) -> dict[str, Any]:
     """``image_size`` / ``image_mean`` / ``image_std`` of a transformers ``preprocessor_config.json``.
 
     The size is the center crop's when the processor crops (CLIP: resize the shortest edge, then
@@ -274,6 +281,63 @@ def preprocessing_args(
             raise ValueError(f"{name} must be {need}, got {values!r}")
         stats[name] = tuple(float(v) for v in values)
     return (int(size[0]), int(size[1])), stats["image_mean"], stats["image_std"]
+
+
+class LazyTokenizer:
+    """Mixin for models whose prompt tokenizer is resolved on first use.
+
+    From ``tokenizer_name`` (a folder / Hub id, :func:`vlsegkit.tokenizers.load_tokenizer`), else from
+    the tower factory's ``_make_tokenizer`` (CLIP BPE towers). A BERT text tower has no built-in
+    vocabulary: without a name, using the tokenizer raises a ``ValueError`` that says what to pass.
+    The host sets ``_make_tokenizer`` and ``text_tower``, and calls :meth:`_init_tokenizer`.
+    """
+
+    #: A Hub id suggested in the error for a BERT tower without tokenizer files.
+    _tokenizer_hint: ClassVar[str] = ""
+    _make_tokenizer: Any
+
+    def _init_tokenizer(self, tokenizer: Any) -> None:
+        if tokenizer is not None and not isinstance(tokenizer, str):
+            raise ValueError(
+                "tokenizer must be a folder / Hub id string or None (assign a tokenizer object to "
+                "model.tokenizer instead)"
+            )
+        self.tokenizer_name: str | None = tokenizer
+        self._tokenizer: Any = None
+
+    def _tokenizer_length(self) -> int | None:
+        """Token rows' length for a tokenizer built here (None: the text tower's maximum)."""
+        return getattr(self, "context_length", None)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The prompt tokenizer, resolved on first use from ``tokenizer`` (folder / Hub id)."""
+        if self._tokenizer is None:
+            from ..tokenizers import load_tokenizer
+
+            n = self._tokenizer_length()
+            if self.tokenizer_name is not None:
+                self._tokenizer = load_tokenizer(self.tokenizer_name, context_length=n)
+            elif self._make_tokenizer is None:
+                raise ValueError(
+                    f"this {type(self).__name__} has a BERT text tower but no tokenizer: build it "
+                    f"with tokenizer=<folder or Hub id, e.g. {self._tokenizer_hint!r}>, assign "
+                    "model.tokenizer, or pass input_ids / attention_mask instead of text"
+                )
+            else:
+                self._tokenizer = self._make_tokenizer(n or self.text_tower.max_positions)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value: Any) -> None:
+        self._tokenizer = value
+
+    def _maybe_tokenizer(self, errors: tuple[type[Exception], ...] = (ValueError,)) -> Any:
+        """The tokenizer, or None when it cannot be resolved (hooks then bind without one)."""
+        try:
+            return self.tokenizer
+        except errors:
+            return None
 
 
 class VLSM(RecordsConfig, nn.Module):

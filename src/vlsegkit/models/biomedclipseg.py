@@ -39,8 +39,8 @@ from ..encoders.factory import (
 from ..encoders.hooks import TowerHook
 from ..hub import CheckpointError, check_state_dict, load_checkpoint_file, read_json, resolve_file
 from ..registry import register_model
-from ..tokenizers import PromptTokenizer, load_tokenizer
 from ._backbones import biomedclip
+from .base import LazyTokenizer
 from .clipseg import CLIPSeg
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ def init_decoder_like_transformers(decoder: nn.Module, *, num_hidden_layers: int
                 m.bias.zero_()
 
 
-class BiomedCLIPSeg(CLIPSeg):
+class BiomedCLIPSeg(LazyTokenizer, CLIPSeg):
     """CLIPSeg's FiLM decoder on BiomedCLIP's towers (or any other token towers).
 
     Forward pass as :class:`~vlsegkit.CLIPSeg` (FiLM with the pooled text embedding, post-norm decoder
@@ -128,6 +128,8 @@ class BiomedCLIPSeg(CLIPSeg):
 
     model_type = "biomedclipseg"
 
+    _tokenizer_hint = BIOMEDCLIP_ID
+
     def __init__(
         self,
         *,
@@ -149,15 +151,9 @@ class BiomedCLIPSeg(CLIPSeg):
     ) -> None:
         if decoder_init not in ("random", "clipseg"):
             raise ValueError(f"decoder_init must be 'random' or 'clipseg', got {decoder_init!r}")
-        if tokenizer is not None and not isinstance(tokenizer, str):
-            raise ValueError(
-                "tokenizer must be a folder / Hub id string or None (assign a tokenizer object to "
-                "model.tokenizer instead)"
-            )
         # read by the lazy tokenizer, which CLIPSeg's constructor may touch (hook binding)
-        self.tokenizer_name = tokenizer
+        self._init_tokenizer(tokenizer)
         self._context_length = context_length
-        self._tokenizer: PromptTokenizer | None = None
         super().__init__(
             backbone=backbone,
             extract_layers=extract_layers,
@@ -215,32 +211,12 @@ class BiomedCLIPSeg(CLIPSeg):
     def _default_tokenizer(self) -> Any:
         return None  # resolved lazily by the property below
 
-    @property
-    def tokenizer(self) -> PromptTokenizer:
-        """The prompt tokenizer, resolved on first use from ``tokenizer`` (folder / Hub id)."""
-        if self._tokenizer is None:
-            n = getattr(self, "context_length", None) or self._context_length
-            if self.tokenizer_name is not None:
-                self._tokenizer = load_tokenizer(self.tokenizer_name, context_length=n)
-            elif self._make_tokenizer is None:
-                raise ValueError(
-                    "this BiomedCLIPSeg has a BERT text tower but no tokenizer: build it with "
-                    f"tokenizer=<folder or Hub id, e.g. {BIOMEDCLIP_ID!r}>, assign model.tokenizer, "
-                    "or pass input_ids / attention_mask instead of prompts"
-                )
-            else:
-                self._tokenizer = self._make_tokenizer(n or self.text_tower.max_positions)
-        return self._tokenizer
-
-    @tokenizer.setter
-    def tokenizer(self, value: PromptTokenizer | None) -> None:
-        self._tokenizer = value
+    def _tokenizer_length(self) -> int | None:
+        return getattr(self, "context_length", None) or self._context_length
 
     def _slot_tokenizer(self) -> Any:
-        try:
-            return self.tokenizer
-        except (ValueError, OSError):  # no tokenizer files (yet): hooks bind without one
-            return None
+        # no tokenizer files (yet): hooks bind without one
+        return self._maybe_tokenizer((ValueError, OSError))
 
     def _tokenize(self, texts: list[str], hooks: Sequence[TowerHook]) -> tuple[Tensor, Tensor]:
         reserve = sum(h.num_tokens("text") for h in hooks if "text" in h.towers)

@@ -33,8 +33,6 @@ from ..hub import (
     CheckpointError,
     empty_weights,
     load_state_dict_strict,
-    read_json,
-    resolve_file,
 )
 from ..registry import register_model
 from ._backbones import hf_clip_vit_b16
@@ -463,10 +461,7 @@ class CLIPSeg(VLSM):
     @classmethod
     def _from_foreign(cls, id_or_path, config: dict[str, Any], **hub_kwargs) -> CLIPSeg:
         """Build from a transformers ``CLIPSegForImageSegmentation`` folder / repo and convert its weights."""
-        kwargs: dict[str, Any] = {}
-        pre = resolve_file(id_or_path, "preprocessor_config.json", required=False, **hub_kwargs)
-        if pre is not None:
-            kwargs.update(preprocessing_from_hf(read_json(pre)))
+        kwargs = preprocessing_from_hf(id_or_path, **hub_kwargs)
         spec = TransformersCLIPSpec.from_hf_config(config)
         state, source = cls._load_weights_file(id_or_path, **hub_kwargs)
         # decoder fields of transformers' CLIPSegConfig, with its defaults; built without weights

@@ -54,11 +54,11 @@ from ..hub import (
     resolve_file,
 )
 from ..registry import register_model
-from ..tokenizers import PromptTokenizer, load_tokenizer
 from ._backbones import biomedclip, hf_clip_vit_b16, tiny_open_clip
 from .base import (
     VLSM,
     ImageInput,
+    LazyTokenizer,
     _as_image_list,
     check_pixels,
     eval_mode,
@@ -110,7 +110,7 @@ def _check_independent(hooks: Sequence[TowerHook]) -> None:
             )
 
 
-class DualEncoder(VLSM):
+class DualEncoder(LazyTokenizer, VLSM):
     """Image and text towers into one joint space, for retrieval and contrastive fine-tuning.
 
     Forward pass::
@@ -148,6 +148,8 @@ class DualEncoder(VLSM):
 
     model_type = "dual_encoder"
 
+    _tokenizer_hint = BIOMEDCLIP_ID
+
     def __init__(
         self,
         *,
@@ -161,11 +163,7 @@ class DualEncoder(VLSM):
         hooks: Sequence[TowerHook | dict] = (),
     ) -> None:
         super().__init__()
-        if tokenizer is not None and not isinstance(tokenizer, str):
-            raise ValueError(
-                "tokenizer must be a folder / Hub id string or None (assign a tokenizer object to "
-                "model.tokenizer instead)"
-            )
+        self._init_tokenizer(tokenizer)
         self._spec = tower_spec_from_dict(backbone)
         self._set_config_arg(backbone=self._spec.to_dict())
         towers = create_towers(self._spec)
@@ -198,8 +196,6 @@ class DualEncoder(VLSM):
                 f"table), got {context_length!r}"
             )
         self.context_length = context_length
-        self.tokenizer_name = tokenizer
-        self._tokenizer: PromptTokenizer | None = None
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.image_size = (int(size[0]), int(size[1]))
         self.image_mean = tuple(float(x) for x in image_mean)
@@ -230,34 +226,6 @@ class DualEncoder(VLSM):
         from ..losses import DHNNCELoss
 
         return ContrastiveTask(loss=DHNNCELoss())
-
-    @property
-    def tokenizer(self) -> PromptTokenizer:
-        """The text tokenizer, resolved on first use from ``tokenizer`` (folder / Hub id)."""
-        if self._tokenizer is None:
-            if self.tokenizer_name is not None:
-                self._tokenizer = load_tokenizer(
-                    self.tokenizer_name, context_length=self.context_length
-                )
-            elif self._make_tokenizer is None:
-                raise ValueError(
-                    "this DualEncoder has a BERT text tower but no tokenizer: build it with "
-                    f"tokenizer=<folder or Hub id, e.g. {BIOMEDCLIP_ID!r}>, assign "
-                    "model.tokenizer, or pass input_ids / attention_mask instead of texts"
-                )
-            else:
-                self._tokenizer = self._make_tokenizer(self.context_length)
-        return self._tokenizer
-
-    @tokenizer.setter
-    def tokenizer(self, value: PromptTokenizer) -> None:
-        self._tokenizer = value
-
-    def _maybe_tokenizer(self) -> PromptTokenizer | None:
-        try:
-            return self.tokenizer
-        except ValueError:  # a BERT tower without tokenizer files: hooks bind without one
-            return None
 
     def _hooks(self, extra: Sequence[TowerHook]) -> tuple[TowerHook, ...]:
         hooks = self._run_hooks(extra)
@@ -491,10 +459,7 @@ class DualEncoder(VLSM):
     @classmethod
     def _from_foreign(cls, id_or_path, config: dict[str, Any], **hub_kwargs) -> DualEncoder:
         """Build from a transformers ``CLIPModel`` folder / Hub repository and convert its weights."""
-        kwargs: dict[str, Any] = {}
-        pre = resolve_file(id_or_path, "preprocessor_config.json", required=False, **hub_kwargs)
-        if pre is not None:
-            kwargs.update(preprocessing_from_hf(read_json(pre)))
+        kwargs = preprocessing_from_hf(id_or_path, **hub_kwargs)
         spec = TransformersCLIPSpec.from_hf_config(config)
         state, source = cls._load_weights_file(id_or_path, **hub_kwargs)
         with empty_weights():  # the weights come from the (memory-mapped) file, not copied

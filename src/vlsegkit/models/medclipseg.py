@@ -46,12 +46,12 @@ from ..encoders.text_cache import TextCache, unique_token_rows
 from ..hub import empty_weights, load_state_dict_strict, resolve_file
 from ..layers import PixelTextHead
 from ..registry import register_model
-from ..tokenizers import PromptTokenizer, load_tokenizer
 from ..uncertainty import UncertaintyOutput, derive_generators, monte_carlo_predict
 from ._backbones import tiny_open_clip
 from .base import (
     VLSM,
     ImageInput,
+    LazyTokenizer,
     check_pixels,
     check_token_rows,
     pair_rows,
@@ -118,7 +118,7 @@ def _positive_int(value: Any, name: str) -> int:
     return value
 
 
-class MedCLIPSeg(VLSM):
+class MedCLIPSeg(LazyTokenizer, VLSM):
     """MedCLIPSeg: frozen vision / text towers, PVL adapters between their layers, pixel-text head.
 
     Forward pass (Koleilat et al. 2026, eqs. 3-19), with ``V`` / ``T`` the residual streams::
@@ -198,6 +198,8 @@ class MedCLIPSeg(VLSM):
 
     model_type = "medclipseg"
 
+    _tokenizer_hint = BIOMEDBERT_ID
+
     def __init__(
         self,
         *,
@@ -232,11 +234,7 @@ class MedCLIPSeg(VLSM):
             )
         if channel_order not in ("RGB", "BGR"):
             raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {channel_order!r}")
-        if tokenizer is not None and not isinstance(tokenizer, str):
-            raise ValueError(
-                "tokenizer must be a folder / Hub id string or None (assign a tokenizer object to "
-                "model.tokenizer instead)"
-            )
+        self._init_tokenizer(tokenizer)
         self._spec = tower_spec_from_dict(backbone)
         self._set_config_arg(backbone=self._spec.to_dict())
         towers = create_towers(self._spec)
@@ -282,8 +280,6 @@ class MedCLIPSeg(VLSM):
                 f"got {context_length}"
             )
         self.context_length = int(context_length)
-        self.tokenizer_name = tokenizer
-        self._tokenizer: PromptTokenizer | None = None
         self.image_size, self.image_mean, self.image_std = preprocessing_args(
             image_size, image_mean, image_std
         )
@@ -346,39 +342,11 @@ class MedCLIPSeg(VLSM):
 
         return SegmentationTask(loss=MedCLIPSegLoss())
 
-    @property
-    def tokenizer(self) -> PromptTokenizer:
-        """The prompt tokenizer, resolved on first use from ``tokenizer`` (folder / Hub id)."""
-        if self._tokenizer is None:
-            if self.tokenizer_name is not None:
-                self._tokenizer = load_tokenizer(
-                    self.tokenizer_name, context_length=self.context_length
-                )
-            elif isinstance(self._spec, OpenCLIPSpec) and self._spec.has_bert_text:
-                raise ValueError(
-                    "this MedCLIPSeg has a BERT text tower but no tokenizer: build it with "
-                    f"tokenizer=<folder or Hub id, e.g. {BIOMEDBERT_ID!r}>, assign model.tokenizer, "
-                    "or pass input_ids / attention_mask instead of prompts"
-                )
-            else:
-                self._tokenizer = self._make_tokenizer(self.context_length)
-        return self._tokenizer
-
-    @tokenizer.setter
-    def tokenizer(self, value: PromptTokenizer) -> None:
-        self._tokenizer = value
-
     def normalize(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` in ``[0, 1]`` -> channels reversed if ``channel_order="BGR"``, normalised."""
         if self.channel_order == "BGR":
             images = images.flip(-3)
         return super().normalize(images)
-
-    def _maybe_tokenizer(self) -> PromptTokenizer | None:
-        try:
-            return self.tokenizer
-        except ValueError:  # a BERT tower without tokenizer files: hooks bind without one
-            return None
 
     def is_sampling(self, sample: bool | None) -> bool:
         """Whether a pass samples the adapter values (``sample``, else ``not deterministic``)."""
