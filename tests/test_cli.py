@@ -390,6 +390,100 @@ def test_predict_with_a_registered_probabilistic_model(tmp_path, capsys):
     np.testing.assert_array_equal(heat, again)
 
 
+def test_predict_text_free_cotexnet_needs_no_prompt(tmp_path, capsys):
+    """CoTexNet segments from the image alone: no --prompt, masks equal ``predict(images)``."""
+    torch.manual_seed(0)
+    create_model("cotexnet-tiny", image_size=SIZE).save_pretrained(tmp_path / "cotex")
+    model = VLSM.from_pretrained(tmp_path / "cotex")
+    images = _write_images(tmp_path)
+    out = tmp_path / "o"
+    assert cli.main(["predict", str(tmp_path / "cotex"), *map(str, images), "--out", str(out)]) == 0
+    assert "class 1 (text-free)" in capsys.readouterr().out
+    records = json.loads((out / "predictions.json").read_text())
+    assert [(Path(r["image"]).name, r["prompt"], r["class"]) for r in records] == [
+        (p.name, None, 1) for p in images
+    ]
+    for path, record in zip(images, records):
+        probs = model.predict(Image.open(path).convert("RGB"))[0].numpy()
+        mask = np.asarray(Image.open(out / record["mask"])) == 255
+        decided = np.abs(probs - 0.5) > 1e-4
+        np.testing.assert_array_equal(mask[decided], (probs > 0.5)[decided])
+        assert record["mean_probability"] == pytest.approx(float(probs.mean()), abs=1e-5)
+
+    # a prompt would be silently ignored: refused
+    argv = ["predict", str(tmp_path / "cotex"), str(images[0]), "--out", str(out)]
+    assert cli.main([*argv, "--prompt", "lesion"]) == 2
+    assert "segments from the image alone" in capsys.readouterr().err
+
+
+def test_predict_text_free_multi_class_writes_one_mask_per_class(tmp_path):
+    torch.manual_seed(0)
+    create_model("cotexnet-tiny", image_size=SIZE, num_classes=2).save_pretrained(tmp_path / "m")
+    model = VLSM.from_pretrained(tmp_path / "m")
+    image = _write_images(tmp_path)[0]
+    assert cli.main(["predict", str(tmp_path / "m"), str(image), "--out", str(tmp_path / "o")]) == 0
+    records = json.loads((tmp_path / "o" / "predictions.json").read_text())
+    assert [(r["class"], r["mask"]) for r in records] == [
+        (1, "case0_c1_mask.png"), (2, "case0_c2_mask.png")
+    ]  # fmt: skip
+    probs = model.predict(Image.open(image).convert("RGB"))  # (K + 1, H, W) softmax
+    top2 = probs.topk(2, dim=0).values
+    decided = ((top2[0] - top2[1]) > 1e-4).numpy()  # argmax not within float noise of a tie
+    for k, record in zip((1, 2), records):
+        mask = np.asarray(Image.open(tmp_path / "o" / record["mask"])) == 255
+        np.testing.assert_array_equal(mask[decided], (probs.argmax(0) == k).numpy()[decided])
+
+
+def test_predict_refuses_a_missing_prompt_and_a_dual_encoder(tmp_path, capsys):
+    image = str(_write_images(tmp_path)[0])
+    assert cli.main(["predict", "clipseg-tiny", image, "--out", str(tmp_path / "o")]) == 2
+    assert "--prompt is required: clipseg-tiny is text-prompted" in capsys.readouterr().err
+    argv = ["predict", "dual-encoder-tiny", image, "--prompt", "x", "--out", str(tmp_path / "o")]
+    assert cli.main(argv) == 2
+    assert "predicts no masks" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cris_evaluates_and_predicts_at_its_own_threshold(tmp_path, capsys):
+    """CRIS thresholds at 0.35 (CRIS.pytorch): the CLI's default is the model's task, not 0.5."""
+    torch.manual_seed(0)
+    create_model("cris-tiny", image_size=SIZE).save_pretrained(tmp_path / "cris")
+    model = VLSM.from_pretrained(tmp_path / "cris")
+    assert cli.main(["evaluate", str(tmp_path / "cris"), "--val-size", "4", "--json", "-"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    loader = _val_loader(model, length=4)
+    assert report["threshold"] == 0.35
+    assert report["iou"] == pytest.approx(evaluate(model, loader, threshold=0.35)["iou"], abs=1e-6)
+    argv = ["evaluate", str(tmp_path / "cris"), "--val-size", "4", "--json", "-"]
+    assert cli.main([*argv, "--threshold", "0.6"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["threshold"] == 0.6
+    assert report["iou"] == pytest.approx(evaluate(model, loader, threshold=0.6)["iou"], abs=1e-6)
+
+    image = _write_images(tmp_path)[0]
+    out = tmp_path / "o"
+    argv = ["predict", str(tmp_path / "cris"), str(image), "--prompt", "lesion", "--out", str(out)]
+    assert cli.main(argv) == 0
+    (record,) = json.loads((out / "predictions.json").read_text())
+    probs = model.predict(Image.open(image).convert("RGB"), "lesion")[0].numpy()
+    mask = np.asarray(Image.open(out / record["mask"])) == 255
+    decided = np.abs(probs - 0.35) > 1e-4
+    np.testing.assert_array_equal(mask[decided], (probs > 0.35)[decided])
+
+
+def test_evaluate_points_into_a_training_output_folder(trained, capsys):
+    assert cli.main(["evaluate", str(trained)]) == 2
+    err = capsys.readouterr().err
+    assert "is a 'vlsegkit train' output folder" in err
+    assert f"{trained / 'model'} (the best epoch)" in err and f"{trained / 'last'}" in err
+
+
+def test_threshold_is_refused_for_a_model_without_masks(tmp_path, capsys):
+    argv = ["evaluate", "dual-encoder-tiny", "--val-size", "2", "--threshold", "0.4"]
+    assert cli.main(argv) == 2
+    assert "--threshold: dual-encoder-tiny: ContrastiveTask" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- models / demo
 def test_models_lists_the_registry(tmp_path):
     proc = run_cli("models", "--json", cwd=tmp_path)

@@ -257,3 +257,76 @@ def test_checkpoints_load_as_models_and_fit_draws_curves(tmp_path):
     last = VLSM.from_pretrained(find_checkpoint(tmp_path / "ckpt", "last"))
     a, b = last.state_dict(), model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------ evaluation threshold
+class _ConvNet(nn.Module):
+    """An image-only segmenter: ``model(images)`` -> logits (B, 1, H, W); it takes no prompts."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv2d(3, 1, 3, padding=1)
+
+    def forward(self, images):
+        return self.conv(images)
+
+
+def _plain_dice(probs, masks, threshold):
+    """Per-image Dice of ``probs > threshold``, written out (an empty pair scores 1)."""
+    pred = (probs > threshold).flatten(1).double()
+    target = masks.flatten(1).double()
+    inter, total = (pred * target).sum(1), pred.sum(1) + target.sum(1)
+    return torch.where(total == 0, torch.ones_like(total), 2 * inter / total.clamp_min(1e-12))
+
+
+def test_evaluate_threshold_keeps_the_task_class_and_its_settings():
+    """``evaluate(threshold=)`` once rebuilt a plain SegmentationTask, so a pseudo-label task for
+    an image-only network called ``net(images, prompts)``; the copy keeps class and settings."""
+    from vlsegkit.weak import PseudoLabelTask
+
+    net = _ConvNet()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 3, 16, 16, generator=g)
+    masks = (torch.rand(4, 1, 16, 16, generator=g) > 0.5).float()
+    batch = {"image": images, "mask": masks}
+    task = PseudoLabelTask(prompted=False, empty_score=0.0)
+    scores = evaluate(net, [batch], task=task, threshold=0.3, progress=False)
+    with torch.no_grad():
+        expected = _plain_dice(torch.sigmoid(net(images)), masks, 0.3).mean()
+    assert scores["dice"] == pytest.approx(float(expected), abs=1e-6)
+    at_half = evaluate(net, [batch], task=task, progress=False)["dice"]
+    assert at_half != pytest.approx(scores["dice"], abs=1e-4)  # the threshold was used
+
+    copy = task.with_threshold(0.3)
+    assert type(copy) is PseudoLabelTask and copy.prompted is False and copy.empty_score == 0.0
+    assert copy.threshold == 0.3 and task.threshold == 0.5 and copy.loss is task.loss
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, float("nan"), True, "0.5", None])
+def test_with_threshold_refuses_values_outside_the_open_unit_interval(bad):
+    with pytest.raises(ValueError, match=r"threshold must be a number in \(0, 1\)"):
+        SegmentationTask().with_threshold(bad)
+
+
+def test_threshold_on_a_task_without_one_is_refused_not_ignored():
+    from vlsegkit.contrastive import ContrastiveTask
+
+    model = create_model("dual-encoder-tiny")
+    with pytest.raises(ValueError, match="ContrastiveTask scores no binarised predictions"):
+        ContrastiveTask().with_threshold(0.5)
+    batch = {"image": torch.randn(2, 3, *model.image_size), "prompt": ["a", "b"]}
+    with pytest.raises(ValueError, match="threshold does not apply"):
+        evaluate(model, [batch], threshold=0.4, progress=False)
+
+
+def test_cotexnet_evaluation_takes_a_threshold():
+    from vlsegkit import CoTexNetTask
+
+    torch.manual_seed(0)
+    model = create_model("cotexnet-tiny")
+    data = _lesions(model, length=4)
+    via_evaluate = evaluate(model, data, threshold=0.3, progress=False)
+    direct = evaluate(model, data, task=CoTexNetTask(threshold=0.3), progress=False)
+    assert via_evaluate["iou"] == pytest.approx(direct["iou"], abs=1e-9)
+    assert via_evaluate["dice"] == pytest.approx(direct["dice"], abs=1e-9)  # soft Dice

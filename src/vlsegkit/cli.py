@@ -5,7 +5,7 @@ Commands::
     vlsegkit models [PATTERN] [--pretrained] [--json]
     vlsegkit train MODEL [--data synthetic|PATH] [--epochs N] [--lr LR] ... [--config FILE] [--out DIR]
     vlsegkit evaluate MODEL [--data synthetic|PATH] [--threshold T] [--json FILE|-]
-    vlsegkit predict MODEL IMAGE [IMAGE ...] --prompt TEXT [--prompt TEXT ...] [--out DIR]
+    vlsegkit predict MODEL IMAGE [IMAGE ...] [--prompt TEXT ...] [--out DIR]
     vlsegkit demo [--out DIR] [--epochs N]
     vlsegkit zeroshot IMAGE [IMAGE ...] --prompt TEXT [--clip ID|DIR] [--sam ID|DIR] [--out DIR]
 
@@ -170,7 +170,12 @@ _EVAL_OPTS = (
     *_DATA_OPTS,
     _Opt("split", str, "test", "medvlsm dataset roots: annotation split (anns/<split>.json)"),
     _Opt("batch-size", int, 32, "images per batch"),
-    _Opt("threshold", float, 0.5, "probability threshold of the predicted mask"),
+    _Opt(
+        "threshold",
+        float,
+        None,
+        "probability threshold of the predicted mask (default: the model's task, 0.5; CRIS 0.35)",
+    ),
     _Opt(
         "json",
         str,
@@ -188,7 +193,12 @@ _PREDICT_OPTS = (
         "output folder for the PNGs and predictions.json",
         metavar="DIR",
     ),
-    _Opt("threshold", float, 0.5, "probability threshold of the mask"),
+    _Opt(
+        "threshold",
+        float,
+        None,
+        "probability threshold of the mask (default: the model's task, 0.5; CRIS 0.35)",
+    ),
     _Opt("alpha", float, 0.45, "overlay opacity in [0, 1]"),
     _Opt("samples", int, None, "Monte Carlo samples of probabilistic models (default: model's)"),
     _Opt("uncertainty", bool, True, "uncertainty maps for models with predict_with_uncertainty"),
@@ -344,6 +354,9 @@ def _check_device(name: str) -> None:
 
 
 # --------------------------------------------------------------------------- shared helpers
+_RUN_FOLDERS = {"model": "the best epoch", "last": "the last epoch"}
+
+
 def _load_model(opts: argparse.Namespace, *, image_size: int | None = None):
     """Registry name, ``save_pretrained`` folder or Hub id → ``(model, note on its weights)``.
 
@@ -382,6 +395,13 @@ def _load_model(opts: argparse.Namespace, *, image_size: int | None = None):
             raise CLIError(
                 f"MODEL: {_unknown('model', name, list_models()).args[0]}; it is not a folder or an "
                 "'org/name' Hub id either ('vlsegkit models' lists the names)"
+            )
+    if local.is_dir() and not (local / "config.json").is_file():
+        inside = [d for d in ("model", "last") if (local / d / "config.json").is_file()]
+        if inside:
+            raise CLIError(
+                f"MODEL {name!r} is a 'vlsegkit train' output folder; give the model inside it: "
+                + " or ".join(f"{local / d} ({_RUN_FOLDERS[d]})" for d in inside)
             )
     try:
         if local.is_dir():
@@ -641,30 +661,45 @@ def _cmd_evaluate(opts: argparse.Namespace) -> int:
     model, note = _load_model(opts, image_size=opts.image_size)
     if note == "random weights":
         print(f"warning: evaluating {opts.model} with random weights", file=sys.stderr)
+    task = _model_task(model, opts)
+    threshold = getattr(task, "threshold", None)
     dataset = _dataset(
         opts, model, opts.data, length=opts.val_size, seed=opts.seed + 10_000, split=opts.split
     )
     try:
         metrics = evaluate(
-            model, _loader(dataset, opts, shuffle=False), device=opts.device,
-            threshold=opts.threshold, autocast_dtype=_autocast_dtype(opts.autocast),
-            progress=_progress(opts),
+            model, _loader(dataset, opts, shuffle=False), task=task, device=opts.device,
+            autocast_dtype=_autocast_dtype(opts.autocast), progress=_progress(opts),
         )  # fmt: skip
     except ValueError as e:
         raise _RunError(f"evaluation failed: {e}") from e
-    report = {"model": opts.model, "data": opts.data, "threshold": opts.threshold, **metrics}
+    report = {"model": opts.model, "data": opts.data, "threshold": threshold, **metrics}
     if opts.json == "-":
         print(json.dumps(report, indent=2))
         return 0
     rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in metrics.items()]
     width = max(len(k) for k, _ in [*rows, ("metric", "")])
-    print(f"{opts.model} on {opts.data} ({len(dataset)} images, threshold {opts.threshold})")
+    at = "" if threshold is None else f", threshold {threshold}"
+    print(f"{opts.model} on {opts.data} ({len(dataset)} images{at})")
     print(f"{'metric':<{width}}  value")
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     if opts.json is not None:
         _write_json(Path(opts.json), report)
     return 0
+
+
+def _model_task(model: Any, opts: argparse.Namespace):
+    """The model's own task, with ``--threshold`` if one was given (tasks that binarise only)."""
+    from .train import _task_for
+
+    task = _task_for(model, None, None)
+    if opts.threshold is None:
+        return task
+    try:
+        return task.with_threshold(opts.threshold)
+    except ValueError as e:
+        raise CLIError(f"--threshold: {opts.model}: {e}") from e
 
 
 def _read_images(paths: Sequence[str]) -> list:
@@ -740,13 +775,16 @@ def _chw(x: Any, name: str, n_prompts: int):
 
 def _predict_maps(model, images: list, prompts: list[str], opts: argparse.Namespace):
     """Per image: ``(probabilities (C, H, W), entropy (C, H, W) or None)`` at the image's size."""
-    from .models.capabilities import SupportsUncertainty
+    from .models.capabilities import SupportsTextFree, SupportsUncertainty
 
     stochastic = isinstance(model, SupportsUncertainty)
     if opts.samples is not None and (not stochastic or not opts.uncertainty):
         why = "it is not probabilistic" if not stochastic else "--no-uncertainty was given"
         raise CLIError(f"--samples: {opts.model} draws no Monte Carlo samples ({why})")
     progress = _progress(opts)
+    if isinstance(model, SupportsTextFree):
+        probs = model.predict(images, progress=progress)
+        return [(_chw(p, "probabilities", p.shape[0]), None) for p in probs]
     if not stochastic or not opts.uncertainty:
         probs = model.predict(images, prompts, progress=progress)
         return [(_chw(p, "probabilities", len(prompts)), None) for p in probs]
@@ -763,15 +801,52 @@ def _predict_maps(model, images: list, prompts: list[str], opts: argparse.Namesp
     ]
 
 
+def _predict_targets(model: Any, prompts: list[str], opts: argparse.Namespace) -> list:
+    """What each output channel answers: the prompts, or ``None`` for a text-free model (which
+    segments from the image alone). Refuses models that predict no masks."""
+    from .models.capabilities import SupportsRetrieval, SupportsTextFree
+
+    if isinstance(model, SupportsRetrieval):
+        raise CLIError(
+            f"{opts.model} is a dual encoder: it scores image-text similarity and predicts no "
+            "masks; 'vlsegkit zeroshot' segments with CLIP-family towers (M2IB + SAM)"
+        )
+    if isinstance(model, SupportsTextFree):
+        if prompts:
+            raise CLIError(
+                f"--prompt: {opts.model} segments from the image alone (text conditions its "
+                "training only); drop --prompt"
+            )
+        return [None]
+    if not prompts:
+        raise CLIError(f"--prompt is required: {opts.model} is text-prompted")
+    return prompts
+
+
+def _channel_masks(probs: Any, prompts: list, threshold: float) -> list[tuple[Any, Any, Any]]:
+    """``(prompt, class index or None, probability map, bool mask)`` per output map of one image.
+
+    Sigmoid heads are thresholded per channel; a text-free multi-class head (background + K
+    classes, softmax) gives class ``k``'s mask as the pixels whose argmax is ``k``.
+    """
+    if prompts == [None] and probs.shape[0] > 1:
+        label = probs.argmax(0)
+        return [(None, k, probs[k], label == k) for k in range(1, probs.shape[0])]
+    cls = None if prompts != [None] else 1
+    return [(p, cls, probs[k], probs[k] > threshold) for k, p in enumerate(prompts)]
+
+
 def _cmd_predict(opts: argparse.Namespace) -> int:
     import torch
 
     from . import viz
 
-    prompts = list(opts.prompt)
+    prompts = list(opts.prompt or ())
     images = _read_images(opts.images)
     torch.manual_seed(opts.seed)
     model, note = _load_model(opts)
+    prompts = _predict_targets(model, prompts, opts)
+    threshold = getattr(_model_task(model, opts), "threshold", 0.5)
     if note == "random weights":
         print(f"warning: predicting with random weights ({opts.model})", file=sys.stderr)
     try:
@@ -785,17 +860,21 @@ def _cmd_predict(opts: argparse.Namespace) -> int:
 
     for path, stem, image, (probs, entropy) in zip(opts.images, _stems(opts.images), images, maps):
         rgb = (to_image_tensor(image).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-        for k, prompt in enumerate(prompts):
-            prefix = stem if len(prompts) == 1 else f"{stem}_p{k}"
-            mask = probs[k].numpy() > opts.threshold
+        channels = _channel_masks(probs, prompts, threshold)
+        for k, (prompt, cls, prob, mask) in enumerate(channels):
+            mask = mask.numpy()
+            prefix = (
+                stem if len(channels) == 1 else f"{stem}_p{k}" if cls is None else f"{stem}_c{cls}"
+            )
             record = {
                 "image": str(path), "prompt": prompt,
+                **({} if cls is None else {"class": cls}),
                 "mask": viz.save_image(mask, out / f"{prefix}_mask.png").name,
                 "overlay": viz.save_image(
                     viz.overlay_mask(rgb, mask, alpha=opts.alpha), out / f"{prefix}_overlay.png"
                 ).name,
                 "foreground_fraction": float(mask.mean()),
-                "mean_probability": float(probs[k].mean()),
+                "mean_probability": float(prob.mean()),
             }  # fmt: skip
             if entropy is not None:
                 # A fixed [0, ln 2] scale (binary entropy's range) keeps maps comparable.
@@ -803,7 +882,8 @@ def _cmd_predict(opts: argparse.Namespace) -> int:
                 record["uncertainty"] = viz.save_image(heat, out / f"{prefix}_uncertainty.png").name
                 record["mean_entropy"] = float(entropy[k].mean())
             records.append(record)
-            print(f"{path} | {prompt!r}: {100 * record['foreground_fraction']:.1f}% foreground "
+            what = repr(prompt) if cls is None else f"class {cls} (text-free)"
+            print(f"{path} | {what}: {100 * record['foreground_fraction']:.1f}% foreground "
                   f"-> {out / record['mask']}")  # fmt: skip
     _write_json(out / "predictions.json", records)
     return 0
@@ -875,8 +955,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help=model_help)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG / JPEG files")
     p.add_argument(
-        "--prompt", action="append", required=True, metavar="TEXT",
-        help="text prompt; repeat for several prompts per image",
+        "--prompt", action="append", default=None, metavar="TEXT",
+        help="text prompt; repeat for several prompts per image (text-prompted models; "
+        "text-free models such as CoTexNet take none)",
     )  # fmt: skip
     _add_options(p, _PREDICT_OPTS)
     p.set_defaults(_func=_with_options(_cmd_predict, _PREDICT_OPTS), _parser=p)

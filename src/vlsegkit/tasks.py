@@ -19,6 +19,8 @@ training device with it. It must call the model through ``model(...)`` (``fit`` 
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -39,6 +41,14 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_to_device(v, device) for v in batch)
     return batch
+
+
+def _check_threshold(threshold: Any) -> float:
+    """``threshold`` as a float in the open interval (0, 1), or a ValueError."""
+    ok = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+    if not (ok and math.isfinite(threshold) and 0.0 < threshold < 1.0):
+        raise ValueError(f"threshold must be a number in (0, 1), got {threshold!r}")
+    return float(threshold)
 
 
 def check_unit_range(name: str, x: Tensor) -> None:
@@ -109,6 +119,26 @@ class Task(nn.Module):
         """Tasks keep what they own frozen (e.g. a teacher) in eval mode; see subclasses."""
         return super().train(mode)
 
+    def with_threshold(self, threshold: float) -> Task:
+        """A copy of this task that binarises probabilities at ``threshold`` (same class, same
+        loss and settings; the loss module is shared, not copied).
+
+        Tasks that score binarised predictions (:class:`SegmentationTask` and its subclasses,
+        :class:`~vlsegkit.CoTexNetTask`) keep the threshold in a ``threshold`` attribute; any
+        other task raises, as a threshold would be silently ignored.
+
+        Raises:
+            ValueError: the task has no probability threshold, or ``threshold`` is not in (0, 1).
+        """
+        if not isinstance(getattr(self, "threshold", None), float):
+            raise ValueError(
+                f"{type(self).__name__} scores no binarised predictions, so a probability "
+                "threshold does not apply to it"
+            )
+        task = copy.copy(self)
+        task.threshold = _check_threshold(threshold)
+        return task
+
 
 class SegmentationTask(Task):
     """Text-prompted segmentation: ``model(images, prompts).logits`` against masks.
@@ -137,10 +167,8 @@ class SegmentationTask(Task):
         super().__init__()
         from .losses import DiceBCELoss
 
-        if not (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0):
-            raise ValueError(f"threshold must be a number in (0, 1), got {threshold!r}")
         self.loss = DiceBCELoss() if loss is None else loss
-        self.threshold = float(threshold)
+        self.threshold = _check_threshold(threshold)
         self.empty_score = float(empty_score)
 
     @staticmethod

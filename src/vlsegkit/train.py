@@ -1254,7 +1254,9 @@ def evaluate(
         task: the task whose ``evaluation_step`` scores a batch; default the model's own.
         loss: shortcut for ``task=SegmentationTask(loss=loss)``.
         device: where to run; default the model's device (the model is moved if given).
-        threshold: probability threshold of a segmentation task, in (0, 1) (default 0.5).
+        threshold: probability threshold, in (0, 1), of a task that binarises predictions
+            (:meth:`~vlsegkit.tasks.Task.with_threshold`); default the task's own (0.5 for
+            most models, 0.35 for CRIS).
         autocast_dtype: None, ``torch.bfloat16`` or ``torch.float16``.
         batch_size: batch size when ``loader`` is a ``Dataset``.
         progress: show a tqdm progress bar (rank 0, only when stderr is a terminal).
@@ -1270,9 +1272,7 @@ def evaluate(
     _check_loader(loader, "loader")
     task = _task_for(model, task, loss)
     if threshold is not None:
-        if not isinstance(task, SegmentationTask):
-            raise ValueError("threshold applies to segmentation tasks only")
-        task = SegmentationTask(loss=task.loss, threshold=threshold, empty_score=task.empty_score)
+        task = task.with_threshold(threshold)
     env = _distributed.setup()
     device = _resolve_device(model, device, env)
     task.to(device)

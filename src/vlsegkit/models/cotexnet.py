@@ -617,7 +617,12 @@ class CoTexNet(VLSM):
 
     @torch.no_grad()
     def predict(
-        self, images: Any, prompts: Any = None, *, batch_size: int = 8
+        self,
+        images: Any,
+        prompts: Any = None,
+        *,
+        batch_size: int = 8,
+        progress: bool | None = False,
     ) -> Tensor | list[Tensor]:
         """Text-free probabilities at each image's original size (eq. 12): no prompt, no mask.
 
@@ -625,6 +630,7 @@ class CoTexNet(VLSM):
             images: one image or a list (PIL, numpy ``(H, W[, 3])``, tensors ``(3, H, W)``).
             prompts: must be None; CoTexNet predicts from the image alone.
             batch_size: images per forward pass.
+            progress: a progress bar over the images (None: only when stderr is a terminal).
 
         Returns:
             ``(1, H, W)`` foreground probabilities (binary) or ``(K + 1, H, W)`` class
@@ -638,7 +644,7 @@ class CoTexNet(VLSM):
         single, items = _as_image_list(images)
         out: list[Tensor] = []
         with eval_mode(self):
-            for _, pixels, sizes in self.image_chunks(items, batch_size):
+            for _, pixels, sizes in self.image_chunks(items, batch_size, progress=progress):
                 probs = self._predict_probs(pixels)
                 for p, size in zip(probs, sizes):
                     up = F.interpolate(p[None], size=size, mode="bilinear", align_corners=False)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..losses.cotexnet import CoTexNetLoss, class_targets
 from ..metrics import hausdorff_distance, iou_score, pixel_accuracy, soft_dice_score
-from ..tasks import SegmentationTask, Task, check_unit_range
+from ..tasks import SegmentationTask, Task, _check_threshold, check_unit_range
 from ..train import EarlyStopping
 
 __all__ = [
@@ -72,10 +72,8 @@ class CoTexNetTask(Task):
         super().__init__()
         if loss is not None and not isinstance(loss, CoTexNetLoss):
             raise TypeError(f"loss must be a CoTexNetLoss, got {type(loss).__name__}")
-        if not (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0):
-            raise ValueError(f"threshold must be a number in (0, 1), got {threshold!r}")
         self.loss = CoTexNetLoss() if loss is None else loss
-        self.threshold = float(threshold)
+        self.threshold = _check_threshold(threshold)
         self.hd95 = bool(hd95)
         self.empty_score = float(empty_score)
 
