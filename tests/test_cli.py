@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from vlsegkit import cli, viz
 from vlsegkit.data import SyntheticLesions, collate_prompts
-from vlsegkit.models import VLSM
+from vlsegkit.models import VLSM, SupportsTextFree, SupportsUncertainty
 from vlsegkit.registry import create_model, list_models, model_entry
 from vlsegkit.testing import populate_hub_cache
 from vlsegkit.train import evaluate, seed_everything
@@ -482,6 +482,38 @@ def test_threshold_is_refused_for_a_model_without_masks(tmp_path, capsys):
     argv = ["evaluate", "dual-encoder-tiny", "--val-size", "2", "--threshold", "0.4"]
     assert cli.main(argv) == 2
     assert "--threshold: dual-encoder-tiny: ContrastiveTask" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", list_models("*tiny"))
+def test_every_tiny_model_trains_evaluates_and_predicts_through_the_cli(name, tmp_path, capsys):
+    """Every model family runs the three commands; each reports its own task's scores."""
+    from vlsegkit.models.capabilities import SupportsRetrieval
+
+    out = tmp_path / "run"
+    argv = ["train", name, "--epochs", "1", "--train-size", "4", "--val-size", "2",
+            "--batch-size", "2", "--image-size", str(SIZE), "--out", str(out), "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    model = VLSM.from_pretrained(out / "model")
+    assert cli.main(["evaluate", str(out / "model"), "--val-size", "2", "--json", "-"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    task = model.default_task()
+    assert report["count"] >= 2
+    assert {"loss", *[m for m in task.metrics if "top5" not in m]} <= set(report)
+    assert all(math.isfinite(report[m]) for m in ("loss", *task.metrics) if m in report)
+    assert report["threshold"] == getattr(task, "threshold", None)
+
+    image = str(_write_images(tmp_path)[0])
+    argv = ["predict", str(out / "model"), image, "--out", str(tmp_path / "pred")]
+    if isinstance(model, SupportsRetrieval):
+        assert cli.main([*argv, "--prompt", "lesion"]) == 2
+        return
+    prompt = [] if isinstance(model, SupportsTextFree) else ["--prompt", "lesion"]
+    assert cli.main([*argv, *prompt, "--samples", "2"] if isinstance(model, SupportsUncertainty)
+                    else [*argv, *prompt]) == 0  # fmt: skip
+    records = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert len(records) == 1 and (tmp_path / "pred" / records[0]["mask"]).is_file()
+    assert 0.0 <= records[0]["mean_probability"] <= 1.0
 
 
 # --------------------------------------------------------------------------- models / demo
