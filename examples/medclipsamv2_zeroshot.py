@@ -5,9 +5,11 @@ models built offline (so the numbers say nothing about the method -- they show t
 runs and what it produces):
 
 1. a tiny transformers CLIP and a tiny transformers SAM are written to ``OUT/models`` in their
-   Hub layouts (``vlsegkit.testing.save_tiny_clip`` / ``save_tiny_sam``) and loaded with
-   ``MedCLIPSAM.from_pretrained`` -- the call that takes ``openai/clip-vit-base-patch16`` and
-   ``facebook/sam-vit-huge`` for real work;
+   Hub layouts (``vlsegkit.testing.save_tiny_clip`` / ``save_tiny_sam``); the CLIP is loaded as a
+   ``DualEncoder`` (``VLSM.from_pretrained``, as for ``openai/clip-vit-base-patch16``; BiomedCLIP
+   loads with ``DualEncoder.from_open_clip``) and fine-tuned on the image-prompt pairs with DHN-NCE
+   (its default task, the paper's §3.1), then saved; ``MedCLIPSAM.from_pretrained`` takes that
+   folder and the SAM folder (``facebook/sam-vit-huge`` for real work);
 2. zero-shot: for the prompt, an M2IB saliency map per training image, the paper's
    post-processing (Otsu, components with mean saliency > 0.5, one box each), SAM's masks;
 3. the masks become pseudo-labels: exported in nnU-Net v2's raw layout (``OUT/nnUNet_raw``) and
@@ -31,6 +33,7 @@ import vlsegkit
 from vlsegkit import viz
 from vlsegkit.data import SyntheticLesions
 from vlsegkit.testing import save_tiny_clip, save_tiny_sam
+from vlsegkit.train import fit
 from vlsegkit.weak import CyclicSchedule, export_nnunet_raw, fit_checkpoint_ensemble
 from vlsegkit.zeroshot import MedCLIPSAM
 
@@ -67,6 +70,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-size", type=int, default=24, help="images given pseudo-labels")
     parser.add_argument("--test-size", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=64, help="SyntheticLesions side")
+    parser.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=2,
+        help="DHN-NCE epochs on the image-prompt pairs (0: the CLIP as it is)",
+    )
     parser.add_argument("--steps", type=int, default=10, help="M2IB Adam steps")
     parser.add_argument("--samples", type=int, default=10, help="M2IB noise copies")
     parser.add_argument("--epochs", type=int, default=6, help="weak supervision epochs")
@@ -79,14 +88,23 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     torch.manual_seed(args.seed)
 
-    # 1. tiny random CLIP and SAM, saved and loaded like Hub checkpoints
+    # 1. tiny random CLIP and SAM, saved like Hub checkpoints; the CLIP fine-tuned with DHN-NCE
     clip = save_tiny_clip(out / "models" / "clip", seed=args.seed)
     sam = save_tiny_sam(out / "models" / "sam", seed=args.seed)
-    pipe = MedCLIPSAM.from_pretrained(clip, sam, layer=1, steps=args.steps,
+    train = SyntheticLesions(length=args.train_size, image_size=args.image_size, seed=args.seed)
+    dual = vlsegkit.VLSM.from_pretrained(clip)
+    if args.finetune_epochs:
+        pairs = SyntheticLesions(length=args.train_size, image_size=dual.image_size,
+                                 seed=args.seed, mean=dual.image_mean, std=dual.image_std)  # fmt: skip
+        history = fit(dual, pairs, epochs=args.finetune_epochs, batch_size=8, lr=1e-4,
+                      progress=False, seed=args.seed)  # fmt: skip
+        print(f"DHN-NCE fine-tuning: {args.finetune_epochs} epochs, loss "
+              f"{history.train_loss[0]:.4f} -> {history.train_loss[-1]:.4f}")  # fmt: skip
+    tuned = dual.save_pretrained(out / "models" / "clip-dhn-nce")
+    pipe = MedCLIPSAM.from_pretrained(tuned, sam, layer=1, steps=args.steps,
                                       samples=args.samples)  # fmt: skip
 
     # 2. zero-shot masks of the training images
-    train = SyntheticLesions(length=args.train_size, image_size=args.image_size, seed=args.seed)
     images = [train[i]["image"] for i in range(len(train))]
     truth = [train[i]["mask"][0] > 0 for i in range(len(train))]
     results = pipe.segment(images, args.prompt, seed=args.seed)

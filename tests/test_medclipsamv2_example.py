@@ -20,7 +20,8 @@ def test_medclipsamv2_example_runs_end_to_end(tmp_path, capsys):
     result = module.main(
         ["--out", str(tmp_path / "out"), "--train-size", "4", "--test-size", "2",
          "--image-size", "32", "--steps", "2", "--samples", "2", "--epochs", "2",
-         "--cycles", "1", "--keep", "1", "--rows", "2", "--figure", str(figure)]
+         "--cycles", "1", "--keep", "1", "--rows", "2", "--finetune-epochs", "1",
+         "--figure", str(figure)]
     )  # fmt: skip
     assert len(result["zero_shot_dice"]) == 4 and len(result["weak_dice"]) == 2
     assert all(0.0 <= d <= 1.0 for d in result["zero_shot_dice"] + result["weak_dice"])
@@ -33,3 +34,5 @@ def test_medclipsamv2_example_runs_end_to_end(tmp_path, capsys):
             assert im.format == "PNG" and im.size[0] > 4 * 32
     out = capsys.readouterr().out
     assert "zero-shot on 4 images" in out and "ensemble of 1" in out
+    assert "DHN-NCE fine-tuning: 1 epochs" in out
+    assert (tmp_path / "out" / "models" / "clip-dhn-nce" / "config.json").is_file()

@@ -336,6 +336,71 @@ def test_bad_pipeline_arguments(pipe):
         MedCLIPSAM(pipe.attributor, pipe.sam, image_std=(0.5, 0.5, 0.0))
 
 
+@pytest.fixture(scope="module")
+def tuned_dual(tmp_path_factory):
+    """A tiny dual encoder after a few DHN-NCE steps (its default task), saved like a train run."""
+    from torch.utils.data import DataLoader
+
+    from vlsegkit import create_model
+    from vlsegkit.data import collate_prompts
+    from vlsegkit.train import fit
+
+    torch.manual_seed(0)
+    dual = create_model("dual-encoder-tiny")
+    data = SyntheticLesions(length=8, image_size=dual.image_size, seed=2,
+                            mean=dual.image_mean, std=dual.image_std)  # fmt: skip
+    untuned = {k: v.clone() for k, v in dual.state_dict().items()}
+    loader = DataLoader(data, batch_size=4, collate_fn=collate_prompts)
+    fit(dual, loader, epochs=2, lr=1e-2, progress=False)
+    folder = dual.save_pretrained(tmp_path_factory.mktemp("dual") / "model")
+    return folder, untuned
+
+
+def test_pipeline_from_a_fine_tuned_dual_encoder(tuned_dual, folders, images):
+    """MedCLIP-SAMv2's stages joined: M2IB runs on the towers as fine-tuned by DHN-NCE."""
+    from vlsegkit import create_model
+    from vlsegkit.models import VLSM
+
+    folder, untuned = tuned_dual
+    pipe = MedCLIPSAM.from_pretrained(folder, folders[1], layer=1, steps=3, samples=2,
+                                      local_files_only=True)  # fmt: skip
+    dual = VLSM.from_pretrained(folder).eval()
+    prompts = ["a small round lesion", "a polyp"]
+    pixels = pipe.preprocess(images[0][:2])
+    with torch.no_grad():
+        out = dual(pixels, prompts)  # the dual encoder's own forward: text and image embeddings
+        image_embeds = pipe.attributor.vision(pixels).pooled
+    torch.testing.assert_close(pipe.attributor.encode_text(prompts), out.text_embeds)
+    torch.testing.assert_close(image_embeds, out.image_embeds)
+    assert (pipe.image_size, pipe.image_mean, pipe.image_std) == (
+        dual.image_size, dual.image_mean, dual.image_std
+    )  # fmt: skip
+    tuned = pipe.segment(images[0][0], prompts[0], seed=0)
+    assert tuned.mask.shape == (40, 56)
+
+    # the same pipeline on the towers before fine-tuning gives another map: the weights matter
+    before = create_model("dual-encoder-tiny")
+    before.load_state_dict(untuned)
+    pipe_before = MedCLIPSAM.from_dual_encoder(before, pipe.sam, layer=1, steps=3, samples=2)
+    assert pipe_before.attributor.vision is before.vision_tower  # shared, not copied
+    other = pipe_before.segment(images[0][0], prompts[0], seed=0)
+    assert (tuned.saliency - other.saliency).abs().max() > 1e-3
+
+
+def test_pipeline_refuses_what_is_not_a_plain_dual_encoder(tuned_dual, folders, tmp_path):
+    from vlsegkit import create_model
+    from vlsegkit.prompts import CoOp
+
+    create_model("clipseg-tiny").save_pretrained(tmp_path / "clipseg")
+    with pytest.raises(TypeError, match="must be a DualEncoder"):
+        MedCLIPSAM.from_pretrained(tmp_path / "clipseg", folders[1], layer=1)
+    owned = create_model("dual-encoder-tiny", hooks=[CoOp(depth=1)])
+    with pytest.raises(ValueError, match=r"owns hooks \(CoOp\) that M2IB would not run"):
+        MedCLIPSAM.from_dual_encoder(owned, folders[1], layer=1)
+    with pytest.raises(ValueError, match="layer must be an int in"):
+        MedCLIPSAM.from_dual_encoder(tuned_dual[0], folders[1], layer=3)
+
+
 # ------------------------------------------------------------------------------ figures and CLI
 def test_zeroshot_panel_and_sheet(pipe, images):
     pics, masks = images
@@ -384,3 +449,20 @@ def test_cli_zeroshot_writes_masks_and_overlays(folders, images, tmp_path, capsy
     assert main([*args[:-4], "--steps", "0"]) == 2
     assert "--steps" in capsys.readouterr().err
     assert main(["zeroshot", str(tmp_path / "nope.png"), "--prompt", "x"]) == 2
+
+
+def test_cli_zeroshot_with_a_fine_tuned_dual_encoder_folder(tuned_dual, folders, images, tmp_path):
+    """``vlsegkit train dual-encoder-...`` then ``vlsegkit zeroshot --clip RUN/model``."""
+    path = tmp_path / "case0.png"
+    Image.fromarray(viz.to_rgb_uint8(images[0][0])).save(path)
+    out = tmp_path / "out"
+    args = ["zeroshot", str(path), "--prompt", "a lesion", "--clip", str(tuned_dual[0]),
+            "--sam", str(folders[1]), "--out", str(out), "--layer", "1", "--steps", "2",
+            "--samples", "2", "--offline", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    (record,) = json.loads((out / "zeroshot.json").read_text())
+    pipe = MedCLIPSAM.from_dual_encoder(tuned_dual[0], folders[1], layer=1, steps=2, samples=2)
+    with Image.open(path) as im:
+        expected = pipe.segment(im.convert("RGB"), ["a lesion"], seed=0)
+    with Image.open(out / record["mask"]) as im:
+        np.testing.assert_array_equal(np.asarray(im) == 255, expected.mask.numpy())

@@ -37,7 +37,9 @@ def add_zeroshot_parser(sub: Any, *, run: Any) -> argparse.ArgumentParser:
         help="text prompt; repeat it for a prompt ensemble (mean text embedding, the paper's P4-P9)",
     )  # fmt: skip
     p.add_argument("--clip", default=_DEFAULT_CLIP, metavar="ID|DIR",
-                   help=f"transformers CLIP repository or folder (default: {_DEFAULT_CLIP})")  # fmt: skip
+                   help="transformers CLIP repository or folder, or a vlsegkit dual encoder's "
+                        "folder (e.g. 'vlsegkit train dual-encoder-...' output's model/: the "
+                        f"paper's DHN-NCE fine-tuned model) (default: {_DEFAULT_CLIP})")  # fmt: skip
     p.add_argument("--sam", default=_DEFAULT_SAM, metavar="ID|DIR",
                    help=f"transformers SAM repository or folder (default: {_DEFAULT_SAM})")  # fmt: skip
     p.add_argument("--out", default="vlsegkit_zeroshot", metavar="DIR", help="output folder")

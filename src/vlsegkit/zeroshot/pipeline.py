@@ -130,13 +130,16 @@ class MedCLIPSAM(nn.Module):
         local_files_only: bool = False,
         token: str | bool | None = None,
     ) -> MedCLIPSAM:
-        """Build the pipeline from a transformers CLIP and a transformers SAM (Hub ids or folders).
+        """Build the pipeline from a CLIP and a transformers SAM (Hub ids or folders).
 
         Args:
             clip: a ``CLIPModel`` repository or folder with its tokenizer (e.g.
-                ``openai/clip-vit-base-patch16``, the paper's CLIP baseline). For BiomedCLIP (open_clip)
+                ``openai/clip-vit-base-patch16``, the paper's CLIP baseline), or a vlsegkit
+                :class:`~vlsegkit.models.dual_encoder.DualEncoder` saved with ``save_pretrained``
+                (e.g. the ``model/`` folder of ``vlsegkit train dual-encoder-...``: the paper's
+                DHN-NCE fine-tuned model; see :meth:`from_dual_encoder`). For BiomedCLIP (open_clip)
                 build the towers with :func:`vlsegkit.encoders.towers_from_open_clip` and use the
-                constructor.
+                constructor, or load it as a dual encoder.
             sam: a ``SamModel`` repository or folder with its processor (``facebook/sam-vit-huge``,
                 ``facebook/sam-vit-base``, ...).
             layer, beta, steps, samples, lr, alpha_init: :class:`M2IBAttributor` settings.
@@ -151,6 +154,13 @@ class MedCLIPSAM(nn.Module):
         from ..tokenizers import load_tokenizer
 
         hub = dict(cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        settings = dict(
+            layer=layer, beta=beta, steps=steps, samples=samples, lr=lr, alpha_init=alpha_init,
+            prompter=prompter, prompt_type=prompt_type,
+        )  # fmt: skip
+        config = resolve_file(clip, "config.json", revision=revision, required=False, **hub)
+        if config is not None and "vlsegkit_format_version" in read_json(config):
+            return cls.from_dual_encoder(clip, sam, revision=revision, **settings, **hub)
         model = CLIPModel.from_pretrained(str(clip), revision=revision, **hub)
         vision, text = from_clip_model(model)
         tokenizer = load_tokenizer(str(clip), revision=revision, **hub)
@@ -169,6 +179,75 @@ class MedCLIPSAM(nn.Module):
         return cls(
             attributor, refiner, image_size=vision.image_size, prompter=prompter,
             prompt_type=prompt_type, **norm,
+        )  # fmt: skip
+
+    @classmethod
+    def from_dual_encoder(
+        cls,
+        dual: Any,
+        sam: SAMRefiner | str | os.PathLike,
+        *,
+        layer: int = 9,
+        beta: float = 0.1,
+        steps: int = 10,
+        samples: int = 10,
+        lr: float = 1.0,
+        alpha_init: float = 5.0,
+        prompter: SaliencyPrompter | None = None,
+        prompt_type: PromptType = "boxes",
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+    ) -> MedCLIPSAM:
+        """MedCLIP-SAMv2 end to end: the saliency comes from a (fine-tuned) dual encoder.
+
+        The paper fine-tunes BiomedCLIP on image-text pairs with DHN-NCE (§3.1: a
+        :class:`~vlsegkit.models.dual_encoder.DualEncoder` trained by ``fit`` with its default
+        :class:`~vlsegkit.contrastive.ContrastiveTask`, or ``vlsegkit train dual-encoder-...``)
+        and runs M2IB on the fine-tuned model (§3.2). The attributor shares the dual encoder's
+        towers (no copy), and the pipeline takes its tokenizer (same context length), input size
+        and normalisation, so the saliency is that of the model as fine-tuned.
+
+        Args:
+            dual: a ``DualEncoder``, or a folder / Hub id written by its ``save_pretrained``.
+            sam: a :class:`~vlsegkit.zeroshot.SAMRefiner`, or a ``SamModel`` repository / folder.
+            layer, beta, steps, samples, lr, alpha_init: :class:`M2IBAttributor` settings.
+            prompter, prompt_type: as in the constructor.
+            revision, cache_dir, local_files_only, token: Hub options (``revision`` applies to
+                ``dual`` only).
+
+        Raises:
+            TypeError: ``dual`` is not a dual encoder (e.g. a segmentation model's folder).
+            ValueError: ``dual`` owns hooks (prompt learners, adapters): M2IB runs the bare towers,
+                so its saliency would not be that of the tuned model.
+        """
+        from ..models.base import VLSM
+        from ..models.dual_encoder import DualEncoder
+
+        hub = dict(cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        if isinstance(dual, (str, os.PathLike)):
+            dual = VLSM.from_pretrained(dual, revision=revision, **hub)
+        if not isinstance(dual, DualEncoder):
+            raise TypeError(
+                f"dual must be a DualEncoder (image-text towers in one joint space), got "
+                f"{type(dual).__name__}"
+            )
+        if len(dual.hooks):
+            names = ", ".join(type(h).__name__ for h in dual.hooks)
+            raise ValueError(
+                f"the dual encoder owns hooks ({names}) that M2IB would not run: its saliency "
+                "would be that of the untuned towers; fine-tune the towers themselves for "
+                "MedCLIP-SAMv2"
+            )
+        attributor = M2IBAttributor(
+            dual.vision_tower, dual.text_tower, layer=layer, beta=beta, steps=steps,
+            samples=samples, lr=lr, alpha_init=alpha_init, tokenizer=dual._maybe_tokenizer(),
+        )  # fmt: skip
+        refiner = sam if isinstance(sam, SAMRefiner) else SAMRefiner.from_pretrained(sam, **hub)
+        return cls(
+            attributor, refiner, image_size=dual.image_size, image_mean=dual.image_mean,
+            image_std=dual.image_std, prompter=prompter, prompt_type=prompt_type,
         )  # fmt: skip
 
     def _device(self) -> torch.device:
