@@ -495,6 +495,30 @@ def test_text_cache_clipseg_conditional_embeddings():
     torch.testing.assert_close(out2.logits, ref2, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["clipseg-tiny", "medclipseg-tiny"])
+def test_text_cache_keeps_autocast_rows_apart(name):
+    """Rows computed under bf16 autocast are rounded: a later float32 pass must not reuse them
+    (it did, and returned bf16 conditional embeddings)."""
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    x = _pixels(1)
+    kw = {"sample": False} if name.startswith("medclipseg") else {}
+    with torch.no_grad():
+        ref = model(x, PROMPTS[:1], **kw).logits
+        model.text_cache = TextCache()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x, PROMPTS[:1], **kw)
+        misses = model.text_cache.misses
+        out = model(x, PROMPTS[:1], **kw)
+    assert model.text_cache.misses > misses  # computed again in float32
+    assert torch.equal(out.logits, ref)
+    assert getattr(out, "conditional_embeddings", ref).dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hits = model.text_cache.hits
+        model(x, PROMPTS[:1], **kw)
+    assert model.text_cache.hits > hits  # the bf16 rows still serve bf16 passes
+
+
 # ------------------------------------------------------------------------------- Monte Carlo
 @pytest.mark.parametrize("masked", [False, True])
 def test_adapter_copies_equal_repeated_inputs(masked):

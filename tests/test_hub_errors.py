@@ -116,6 +116,37 @@ def test_config_of_another_family_does_not_fit(copy):
         VLSM.from_pretrained(copy)
 
 
+def test_a_class_loads_only_its_own_configs(saved):
+    """``CRIS.from_pretrained`` of a CLIPSeg folder used to return a CLIPSeg without a word."""
+    from vlsegkit import CRIS, CLIPSeg, MedCLIPSeg
+
+    for klass in (CRIS, MedCLIPSeg):
+        with pytest.raises(CheckpointError, match=rf"is for CLIPSeg .*not {klass.__name__}"):
+            klass.from_pretrained(saved)
+    assert type(CLIPSeg.from_pretrained(saved)) is CLIPSeg
+    assert type(VLSM.from_pretrained(saved)) is CLIPSeg
+
+
+@pytest.mark.parametrize(
+    ("model_type", "words"),
+    [
+        ("nonsense", "unknown model_type 'nonsense'"),
+        (None, "'model_type' must name the model class"),
+        (3, "'model_type' must name the model class"),
+        ("", "'model_type' must name the model class"),
+    ],
+)
+def test_unknown_or_missing_model_type(copy, model_type, words):
+    config = json.loads((copy / "config.json").read_text())
+    if model_type is None:
+        del config["model_type"]
+    else:
+        config["model_type"] = model_type
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=words):
+        VLSM.from_pretrained(copy)
+
+
 def test_newer_format_version(copy):
     config = json.loads((copy / "config.json").read_text())
     config["vlsegkit_format_version"] = 99

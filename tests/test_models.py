@@ -233,6 +233,22 @@ def test_predict_returns_probabilities_at_the_original_size(name):
     assert single.shape == (1, 37, 50)
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_predict_restores_every_submodule_mode(name):
+    """A part put in eval mode on purpose (frozen BatchNorm statistics, a tower without dropout)
+    stays there after ``predict``; ``model.train(True)`` on exit used to switch it back."""
+    model = _model(name).train()
+    model.vision_tower.eval()
+    before = {n: m.training for n, m in model.named_modules()}
+    assert not all(before.values())
+    images = [torch.rand(3, 37, 50)]
+    if isinstance(model, SupportsTextFree):
+        model.predict(images)
+    else:
+        model.predict(images, PROMPTS[:2])
+    assert {n: m.training for n, m in model.named_modules()} == before
+
+
 def _hook(name: str):
     kwargs = {"PVLAdapters": {"dim": 16}, "SharedAttention": {"mlp_dim": 32}}.get(name, {})
     if name == "BottleneckAdapters-dense":

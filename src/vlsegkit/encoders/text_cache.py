@@ -99,6 +99,18 @@ def _dropout_active(module: nn.Module) -> bool:
     return False
 
 
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype active for ``device``'s type, or None: rows computed under bf16 / fp16
+    autocast are rounded, so the precision is part of a row's key."""
+    kind = device.type
+    try:
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    except (AttributeError, TypeError):  # torch < 2.4: per-device functions
+        if kind == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+
+
 def _row_count(value: Value) -> int:
     return value.batch_size if isinstance(value, TokenState) else value.shape[0]
 
@@ -138,8 +150,9 @@ class TextCache:
 
     A result is one row of whatever the caller computes from token rows: a pooled embedding ``(E,)``
     (CLIPSeg's conditional embedding) or a text ``TokenState`` row after some blocks (MedCLIPSeg's
-    sampling-independent prefix). The key is the row's real tokens (padding stripped, by the mask)
-    plus the caller's ``tag`` (what was computed: e.g. the number of blocks run and the padded
+    sampling-independent prefix). The key is the row's real tokens (padding stripped, by the mask),
+    the autocast dtype in force (a row computed under bf16 autocast is never served to a float32
+    pass) and the caller's ``tag`` (what was computed: e.g. the number of blocks run and the padded
     length when the result keeps every position).
 
     Args:
@@ -224,10 +237,12 @@ class TextCache:
         self._check_weights(tower)
         ids = input_ids.tolist()
         mask = None if attention_mask is None else attention_mask.bool().tolist()
+        precision = _autocast_dtype(device)
         keys = [
             (
                 id(tower),
                 tag,
+                precision,
                 tuple(i for i, m in zip(ids[r], mask[r]) if m) if mask else tuple(ids[r]),
             )
             for r in range(t)

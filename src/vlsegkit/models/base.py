@@ -211,13 +211,20 @@ def prompts_per_image(prompts: Any, num_images: int) -> list[list[str]]:
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
-    """Put ``model`` in eval mode and restore its train / eval mode afterwards, even on errors."""
-    was_training = model.training
+    """Put ``model`` in eval mode and restore every submodule's train / eval flag afterwards, even
+    on errors.
+
+    Each flag is restored as it was, not by ``model.train(mode)``: that would also switch back to
+    training the parts a user had put in eval mode on purpose (frozen BatchNorm statistics, a
+    tower without dropout), and a model's own ``train`` override may keep parts in eval mode.
+    """
+    flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for module, training in flags:
+            module.training = training
 
 
 def preprocessing_from_hf(id_or_path: Any, **hub_kwargs: Any) -> dict[str, Any]:
@@ -369,6 +376,25 @@ class VLSM(RecordsConfig, nn.Module):
         return self.config_args
 
     @classmethod
+    def _config_class(cls, model_type: Any, where: str) -> type[VLSM]:
+        """The class a config's ``model_type`` names, which must be ``cls`` or a subclass."""
+        if not isinstance(model_type, str) or not model_type:
+            raise CheckpointError(
+                f"{where}: 'model_type' must name the model class (e.g. 'clipseg'; see "
+                f"vlsegkit.registry.model_types()), got {model_type!r}"
+            )
+        try:
+            target = model_class(model_type)
+        except KeyError as e:
+            raise CheckpointError(f"{where}: {e.args[0]}") from None
+        if cls is not VLSM and not issubclass(target, cls):
+            raise CheckpointError(
+                f"{where} is for {target.__name__} (model_type {model_type!r}), not "
+                f"{cls.__name__}; load it with vlsegkit.VLSM.from_pretrained"
+            )
+        return target
+
+    @classmethod
     def from_config(cls, config: dict[str, Any]) -> VLSM:
         """Build a model (random weights) from ``config``, dispatching on ``model_type``."""
         if not isinstance(config, dict):
@@ -378,15 +404,7 @@ class VLSM(RecordsConfig, nn.Module):
         config = dict(config)
         model_type = config.pop("model_type", cls.model_type)
         config.pop("vlsegkit_format_version", None)
-        try:
-            target = model_class(model_type)
-        except KeyError as e:
-            raise CheckpointError(f"config.json: {e.args[0]}") from None
-        if cls is not VLSM and not issubclass(target, cls):
-            raise CheckpointError(
-                f"config.json is for {target.__name__} (model_type {model_type!r}), not "
-                f"{cls.__name__}; load it with vlsegkit.VLSM.from_pretrained"
-            )
+        target = cls._config_class(model_type, "config.json")
         from .._config import check_config_types
 
         try:
@@ -629,7 +647,7 @@ class VLSM(RecordsConfig, nn.Module):
                     f"{config_path}: vlsegkit_format_version {version!r} is newer than this "
                     f"vlsegkit understands ({FORMAT_VERSION}); upgrade vlsegkit"
                 )
-            target = model_class(config.get("model_type", cls.model_type))
+            target = cls._config_class(config.get("model_type", cls.model_type), str(config_path))
             return target._from_vlsegkit(id_or_path, config, config_path, **kw)
         for klass in model_types().values():
             if (cls is VLSM or issubclass(klass, cls)) and klass._claims_foreign(config):
