@@ -81,8 +81,9 @@ def _run_fn(impl: str, model, images, args: argparse.Namespace):
         # the official test.py: S full passes, logits stacked, then reduced
         with torch.no_grad():
             pixels, _ = model.preprocess(images)
-            gens = model.sample_generators(args.samples, seed=0)
-            probs = torch.stack([model(pixels, PROMPT, generator=g).logits for g in gens]).sigmoid()
+            gens = model.noise_generators(args.samples, pixels.shape[0], seed=0)
+            rows = [[g for image in sample for g in image] for sample in gens]  # per-row streams
+            probs = torch.stack([model(pixels, PROMPT, generator=r).logits for r in rows]).sigmoid()
             mean = probs.mean(0)
             entropy = -(mean * torch.log(mean + 1e-8) + (1 - mean) * torch.log(1 - mean + 1e-8))
         return mean, entropy

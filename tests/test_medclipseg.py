@@ -436,16 +436,20 @@ def test_registry_backbones_and_trainable_counts():
 
 # ---------------------------------------------------------------------- Monte Carlo uncertainty
 def _mc_reference(model, images, prompts, samples: int, seed: int):
-    """S single forward passes with the documented per-sample generators, float64 statistics."""
+    """One forward pass per (sample, image, prompt), alone, with the documented generators;
+    float64 statistics."""
     pixels, sizes = model.preprocess(images)
-    gens = model.sample_generators(samples, seed=seed)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    gens = model.noise_generators(samples, len(sizes), len(prompts), seed=seed)
     probs, ents = [[] for _ in sizes], [[] for _ in sizes]
     with torch.no_grad():
-        for g in gens:
-            logits = model(pixels, prompts, generator=g).logits.double()
+        for s in range(samples):
             for j, size in enumerate(sizes):
-                lj = F.interpolate(logits[j : j + 1], size=size, mode="bilinear",
-                                   align_corners=False)[0]  # fmt: skip
+                logits = torch.cat([
+                    model(pixels[j : j + 1], prompt, generator=gens[s][j][k]).logits.double()
+                    for k, prompt in enumerate(prompts)
+                ], dim=1)  # fmt: skip
+                lj = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[0]
                 p = torch.sigmoid(lj)
                 probs[j].append(p)
                 ents[j].append(-(p * torch.log(p) + (1 - p) * torch.log1p(-p)))
@@ -496,6 +500,36 @@ def test_mc_reproducible_and_seeded(bert_model):
                                                                       seed=1).entropy)  # fmt: skip
     assert (a.mean - c.mean).abs().max() > 1e-5
     assert torch.equal(a.mean, d.mean)  # seed=s is generator=Generator().manual_seed(s)
+
+
+def test_mc_result_of_an_image_and_prompt_ignores_the_rest_of_the_call(bert_model):
+    """A seeded map depends on the image's position and the prompt's, not on batch_size, nor on the
+    images and prompts after them (the noise of all rows used to come from one stream)."""
+    a, b = _images()
+    run = lambda *args, **kw: bert_model.predict_with_uncertainty(*args, 4, seed=3, **kw)  # noqa: E731
+    alone = run(a, PROMPTS[0])
+    with_more = run([a, b], PROMPTS[:2])
+    small_batches = run([a, b], PROMPTS[:2], batch_size=1)
+    torch.testing.assert_close(with_more.mean[0][:1], alone.mean, atol=1e-6, rtol=0)
+    torch.testing.assert_close(with_more.entropy[0][:1], alone.entropy, atol=1e-6, rtol=0)
+    for j in range(2):
+        torch.testing.assert_close(small_batches.mean[j], with_more.mean[j], atol=1e-6, rtol=0)
+    # prompts and positions still get their own noise: not the same map copied around
+    assert (with_more.mean[0][0] - with_more.mean[0][1]).abs().max() > 1e-4
+    swapped = run([b, a], PROMPTS[:2])
+    assert (swapped.mean[1] - with_more.mean[0]).abs().max() > 1e-5
+
+
+def test_forward_takes_one_generator_per_row(bert_model):
+    pixels, _ = bert_model.preprocess(_images())
+    gens = lambda: [_gen(7), _gen(8)]  # noqa: E731
+    with torch.no_grad():
+        both = bert_model(pixels, PROMPTS[0], generator=gens()).logits
+        alone = [bert_model(pixels[i : i + 1], PROMPTS[0], generator=g).logits
+                 for i, g in enumerate(gens())]  # fmt: skip
+        torch.testing.assert_close(both, torch.cat(alone), atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match=r"copies \* B \* C = 1 \* 2 \* 1 generators"):
+            bert_model(pixels, PROMPTS[0], generator=[_gen(7)])
 
 
 def test_entropy_decomposition(bert_model):

@@ -35,6 +35,7 @@ __all__ = [
     "binary_entropy_from_logits",
     "derive_generators",
     "monte_carlo_predict",
+    "pair_generators",
 ]
 
 # (image, prompt) rows per Monte Carlo forward pass when batch_samples is not given
@@ -145,14 +146,43 @@ def derive_generators(
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
 
+def pair_generators(
+    base: torch.Generator | None,
+    samples: int,
+    num_images: int,
+    num_prompts: int,
+    device: torch.device | str | None,
+) -> list[list[list[torch.Generator]]]:
+    """Noise generators ``[s][i][k]`` of sample ``s`` for image ``i`` with prompt ``k``.
+
+    Sample ``s``'s stream is ``derive_generators(base, samples)[s]``; image ``i``'s seed is the
+    ``i``-th draw of that stream, and prompt ``k``'s seed the ``k``-th draw of a generator seeded
+    with it. A pair's noise therefore depends on ``(base, s, i, k)`` only: not on ``batch_size``,
+    ``batch_samples``, nor on the images and prompts that come after it.
+    """
+    streams = derive_generators(base, samples, "cpu")
+    device = torch.device("cpu" if device is None else device)
+    out = []
+    for stream in streams:
+        image_seeds = torch.randint(0, 2**62, (num_images,), generator=stream).tolist()
+        rows = []
+        for seed in image_seeds:
+            g = torch.Generator().manual_seed(int(seed))
+            prompt_seeds = torch.randint(0, 2**62, (num_prompts,), generator=g).tolist()
+            rows.append([torch.Generator(device=device).manual_seed(int(p)) for p in prompt_seeds])
+        out.append(rows)
+    return out
+
+
 @runtime_checkable
 class SupportsMonteCarlo(Protocol):
     """A model whose forward pass splits into a deterministic prefix and a stochastic remainder.
 
     ``encode_prefix(pixel_values, prompts)`` runs the sampling-independent part once and returns an
-    object with ``index`` (the ``(B, C)`` pairing); ``forward_from_prefix(prefix, generators=...,
-    copies=..., sample=...)`` runs ``copies`` noise copies of the rest as one batch (copy-major,
-    logits ``(copies * B, C, H, W)``); ``is_sampling(sample)`` says whether values are sampled.
+    object with ``index`` (the ``(B, C)`` pairing); ``forward_from_prefix(prefix,
+    row_generators=..., sample=...)`` runs ``copies`` noise copies of the rest as one batch
+    (copy-major, logits ``(copies * B, C, H, W)``), each (copy, image, prompt) row drawing its noise
+    from its own generator; ``is_sampling(sample)`` says whether values are sampled.
     """
 
     def encode_prefix(self, pixel_values: Tensor, prompts: Any) -> Any: ...
@@ -197,9 +227,10 @@ def monte_carlo_predict(
         batch_samples: copies run together in one batch; default ``8 // (B * C)`` on CPU (bigger
             batches fall out of cache there) and ``32 // (B * C)`` elsewhere, at least 1.
         batch_size: images per chunk.
-        seed: seeds the per-sample noise: sample ``s`` of the first chunk uses
-            ``derive_generators(Generator().manual_seed(seed), samples, device)[s]``; later chunks
-            draw the next ``samples`` seeds of the same stream.
+        seed: seeds the noise: sample ``s`` of image ``i`` (its position in ``images``) with
+            prompt ``k`` draws from ``pair_generators(Generator().manual_seed(seed), samples,
+            len(images), C, device)[s][i][k]``, so a result does not depend on ``batch_size``,
+            ``batch_samples``, or on the images and prompts after it in the call.
         generator: base stream instead of ``seed``.
         sample: sample the values; False runs one deterministic pass (epistemic = 0).
         progress: a progress bar over the images (None: only when stderr is a terminal).
@@ -220,6 +251,7 @@ def monte_carlo_predict(
     sampling = model.is_sampling(sample)
     passes = samples if sampling else 1
     base = torch.Generator().manual_seed(int(seed)) if seed is not None else generator
+    streams = None
     moments: list[MonteCarloMoments] = []
     # inference mode skips autograd bookkeeping on every op; the maps are finalised outside it, so
     # callers get ordinary tensors they may modify in place
@@ -230,16 +262,18 @@ def monte_carlo_predict(
             c = prefix.index.shape[1]
             budget = _CPU_ROWS_PER_PASS if pixels.device.type == "cpu" else _ROWS_PER_PASS
             per_pass = batch_samples or max(1, budget // (b * c))
-            streams = derive_generators(base, passes, pixels.device) if sampling else None
+            if sampling and streams is None:  # C is known once the first chunk is encoded
+                streams = pair_generators(base, passes, len(items), c, pixels.device)
             chunk = [MonteCarloMoments(c, size, pixels.device) for size in sizes]
             moments.extend(chunk)
             for s in range(0, passes, per_pass):
                 n = min(per_pass, passes - s)
+                rows = None
+                if streams is not None:  # copy-major, then image, then prompt
+                    rows = [g for copy in streams[s : s + n] for image in copy[start : start + b]
+                            for g in image]  # fmt: skip
                 out = model.forward_from_prefix(
-                    prefix,
-                    generators=None if streams is None else streams[s : s + n],
-                    copies=n,
-                    sample=sampling,
+                    prefix, row_generators=rows, copies=n, sample=sampling
                 )
                 logits = out.logits.view(n, b, c, *out.logits.shape[-2:])
                 for j, acc in enumerate(chunk):

@@ -46,7 +46,7 @@ from ..encoders.text_cache import TextCache, unique_token_rows
 from ..hub import empty_weights, load_state_dict_strict, resolve_file
 from ..layers import PixelTextHead
 from ..registry import register_model
-from ..uncertainty import UncertaintyOutput, derive_generators, monte_carlo_predict
+from ..uncertainty import UncertaintyOutput, monte_carlo_predict, pair_generators
 from ._backbones import tiny_open_clip
 from .base import (
     VLSM,
@@ -498,6 +498,7 @@ class MedCLIPSeg(LazyTokenizer, VLSM):
         generators: Sequence[torch.Generator] | None = None,
         copies: int = 1,
         sample: bool | None = None,
+        row_generators: Sequence[torch.Generator] | None = None,
     ) -> MedCLIPSegOutput:
         """Finish a forward pass from :meth:`encode_prefix`, for several noise copies at once.
 
@@ -509,18 +510,34 @@ class MedCLIPSeg(LazyTokenizer, VLSM):
             generators: one ``torch.Generator`` per copy (on the input device): copy ``s`` draws its
                 value noise from ``generators[s]`` exactly as ``model(x, p, generator=generators[s])``
                 would. ``copies`` is then ``len(generators)``. None uses the global RNG.
-            copies: number of copies when ``generators`` is None.
+            copies: number of copies when neither ``generators`` nor ``row_generators`` is given.
             sample: sample the values; None follows ``deterministic``.
+            row_generators: instead of ``generators``, ``copies * B * C`` generators, one per
+                (copy, image, prompt) row in copy-major order: each row draws its noise alone, as a
+                pass of that image and prompt alone would, so it does not depend on the other rows
+                (:func:`~vlsegkit.uncertainty.monte_carlo_predict`'s scheme). ``copies`` must
+                match.
 
         Returns:
             :class:`~vlsegkit.models.MedCLIPSegOutput` with ``logits (copies * B, C, H, W)``,
             ``text_embeddings (copies * B, C, E)`` and ``patch_tokens (copies * B, C, h*w, E)``.
         """
+        if generators is not None and row_generators is not None:
+            raise ValueError(
+                "pass generators (one per copy) or row_generators (one per row), not both"
+            )
         if generators is not None:
             generators = list(generators)
             copies = len(generators)
         copies = _positive_int(copies, "copies")
         b, c = prefix.index.shape
+        if row_generators is not None:
+            generators = list(row_generators)
+            if len(generators) != copies * b * c:
+                raise ValueError(
+                    f"row_generators must hold copies * B * C = {copies} * {b} * {c} generators, "
+                    f"got {len(generators)}"
+                )
         device = prefix.vision.tokens.device
         images = torch.arange(b, device=device).repeat_interleave(c).repeat(copies)
         rows = prefix.index.reshape(-1).to(device).repeat(copies)
@@ -575,7 +592,7 @@ class MedCLIPSeg(LazyTokenizer, VLSM):
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         hooks: Sequence[TowerHook] = (),
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         sample: bool | None = None,
     ) -> MedCLIPSegOutput:
         """Segment ``pixel_values`` with text prompts (one stochastic pass).
@@ -590,7 +607,9 @@ class MedCLIPSeg(LazyTokenizer, VLSM):
             input_ids, attention_mask: pre-tokenised prompts ``(T, L)`` instead of strings (e.g.
                 for a BERT backbone without a tokenizer).
             hooks: further :class:`~vlsegkit.encoders.TowerHook` s bound to this model.
-            generator: value-noise generator (reproducible sampling); None uses the global RNG.
+            generator: value-noise generator (reproducible sampling); or ``B * C`` generators, one
+                per (image, prompt) row in image-major order, each row then drawing its noise alone
+                (:meth:`noise_generators`' scheme); None uses the global RNG.
             sample: sample the values (eq. 10); None follows ``deterministic`` (sampled by default,
                 in eval mode too).
 
@@ -602,31 +621,38 @@ class MedCLIPSeg(LazyTokenizer, VLSM):
         prefix = self.encode_prefix(
             pixel_values, prompts, input_ids=input_ids, attention_mask=attention_mask, hooks=hooks
         )
-        return self.forward_from_prefix(
-            prefix, generators=None if generator is None else [generator], sample=sample
-        )
+        if generator is None or isinstance(generator, torch.Generator):
+            gens = None if generator is None else [generator]
+            return self.forward_from_prefix(prefix, generators=gens, sample=sample)
+        return self.forward_from_prefix(prefix, row_generators=generator, sample=sample)
 
     # ------------------------------------------------------------------ Monte Carlo inference
     @staticmethod
-    def sample_generators(
+    def noise_generators(
         samples: int,
+        num_images: int,
+        num_prompts: int = 1,
         *,
         seed: int | None = None,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
-    ) -> list[torch.Generator]:
-        """The per-sample noise generators of :meth:`predict_with_uncertainty`.
+    ) -> list[list[list[torch.Generator]]]:
+        """The noise generators ``[s][i][k]`` of :meth:`predict_with_uncertainty`.
 
-        ``samples`` seeds are drawn from a base stream -- ``torch.Generator().manual_seed(seed)``, the
-        given ``generator``, or the global RNG -- and each seeds one generator on ``device``. Sample
-        ``s`` of ``predict_with_uncertainty(..., seed=seed)`` (first image chunk) uses exactly
-        ``sample_generators(samples, seed=seed)[s]``, whatever ``batch_samples`` is.
+        Sample ``s`` of image ``i`` with prompt ``k`` in ``predict_with_uncertainty(images,
+        prompts, samples, seed=seed)`` draws its value noise exactly as
+        ``model(pixels[i:i+1], [[prompts[k]]], generator=noise_generators(...)[s][i][k])`` would,
+        whatever ``batch_size`` and ``batch_samples`` are and whatever images or prompts follow
+        (:func:`~vlsegkit.uncertainty.pair_generators`; the base stream is
+        ``torch.Generator().manual_seed(seed)``, the given ``generator``, or the global RNG).
         """
         samples = _positive_int(samples, "samples")
+        num_images = _positive_int(num_images, "num_images")
+        num_prompts = _positive_int(num_prompts, "num_prompts")
         if seed is not None and generator is not None:
             raise ValueError("pass seed or generator, not both")
         base = torch.Generator().manual_seed(int(seed)) if seed is not None else generator
-        return derive_generators(base, samples, device)
+        return pair_generators(base, samples, num_images, num_prompts, device)
 
     def predict_with_uncertainty(
         self,
