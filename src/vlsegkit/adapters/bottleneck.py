@@ -219,6 +219,13 @@ class BottleneckAdapters(TowerHook):
         if not self.bound:
             raise RuntimeError("BottleneckAdapters has no parameters yet: attach it to a model")
 
+    def acts_on(self, target: str) -> bool:
+        """The switched-on groups: ``"vision"`` / ``"text"`` adapters, and ``"condition"`` (the
+        condition adapter, and the shallow text adapters, which add to the condition)."""
+        if target == "condition":
+            return self.use_condition or (self.variant == "shallow" and self.use_text)
+        return {"vision": self.use_vision, "text": self.use_text}.get(target, False)
+
     # ------------------------------------------------------------------ shallow
     def keep_layers(self, tower: str) -> Collection[int]:
         if self.variant == "shallow" and tower == "text" and self.use_text:

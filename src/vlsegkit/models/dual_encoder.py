@@ -205,7 +205,6 @@ class DualEncoder(LazyTokenizer, VLSM):
         if freeze_backbone:
             self.freeze_backbone()
         self.hooks = self._bind_hooks(hooks)
-        _check_independent(self.hooks)
 
     # ------------------------------------------------------------------ parts
     def hook_slots(self) -> HookSlots:
@@ -218,6 +217,11 @@ class DualEncoder(LazyTokenizer, VLSM):
             tokenizer=self._maybe_tokenizer(),
             lockstep=False,
         )
+
+    def check_hooks(self, hooks: Sequence[TowerHook], *, frozen: bool = False) -> None:
+        """Refuse hooks that condition texts on images (CoCoOp, PVL adapters), owned or attached:
+        a dual encoder embeds images and texts independently."""
+        _check_independent(hooks)
 
     def default_task(self) -> Task:
         """MedCLIP-SAMv2's fine-tuning: :class:`~vlsegkit.contrastive.ContrastiveTask` with

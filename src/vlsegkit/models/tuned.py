@@ -170,9 +170,13 @@ class TunedModel(VLSM):
         slots = base.hook_slots()
         for hook in built:
             slots.require(hook)  # a clear error for a tower the base cannot offer hooks
+        bound = [h.bind(slots) for h in built]
+        # the base's own rules for hooks, as when it is built with them (refused here, at attach
+        # time, rather than at the first forward inside fit); frozen: nothing of the base trains
+        base.check_hooks(bound, frozen=True)
         base.requires_grad_(False)
         self.base = base
-        self.hooks = nn.ModuleList(h.bind(slots) for h in built)
+        self.hooks = nn.ModuleList(bound)
         self.upsampler = self._make_upsampler(base, upsampler)
         first = next(base.parameters(), None)
         if first is not None:

@@ -1,0 +1,107 @@
+"""Hooks composed with models through ``TunedModel``: refusals at attach time, re-binding, dtypes,
+the base's own API (text-free, retrieval) kept by the tuned model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlsegkit import TunedModel, create_model
+from vlsegkit.adapters import BottleneckAdapters, PVLAdapters
+from vlsegkit.prompts import VPT, CoCoOp, CoOp, MaPLe
+
+
+def _model(name: str, seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    return create_model(name, **kwargs)
+
+
+def _pixels(model, b: int = 2, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    h, w = model.image_size
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 3, h, w, generator=g).to(dtype)
+
+
+def _error(make) -> str:
+    with pytest.raises(ValueError) as info:
+        make()
+    return str(info.value)
+
+
+# ------------------------------------------------------------------ CoTexNet's text-free path
+@pytest.mark.parametrize(
+    "hook",
+    [
+        lambda: CoOp(init=None),
+        lambda: CoCoOp(init=None),
+        # switched to its text adapters alone, a dense bottleneck acts on the text tower only
+        lambda: BottleneckAdapters("dense", width=8, vision=False, condition=False),
+    ],
+    ids=["CoOp", "CoCoOp", "dense-text-only"],
+)
+def test_text_only_hooks_are_refused_on_a_frozen_cotexnet(hook):
+    base = _model("cotexnet-tiny")
+    message = _error(lambda: hook().attach(base))
+    assert "acts only on the text tower" in message and "text-free inference" in message
+    name = type(hook()).__name__
+    assert f"create_model('cotexnet-...', hooks=[{name}(...)])" in message  # the alternative
+    assert base.num_parameters(trainable_only=True) > 0  # the refused attach froze nothing
+
+
+def test_text_only_hooks_stay_allowed_as_cotexnets_own():
+    # owned, the hook trains with the [CLS] predictor, which carries it to inference
+    model = _model("cotexnet-tiny", hooks=[CoOp(init=None, depth=2)])
+    assert [type(h).__name__ for h in model.hooks] == ["CoOp"]
+    assert model.hooks[0].context.shape == (2, 4, model.text_tower.width)
+
+
+@pytest.mark.parametrize(
+    "hook",
+    [
+        lambda: VPT(depth=2),
+        lambda: MaPLe(depth=2, init=None),
+        lambda: BottleneckAdapters("dense", width=8),
+        lambda: BottleneckAdapters("shallow", width=8, text=False),
+    ],
+    ids=["VPT", "MaPLe", "dense", "shallow-no-text"],
+)
+def test_vision_and_condition_hooks_change_cotexnets_text_free_prediction(hook):
+    base = _model("cotexnet-tiny").eval()
+    x = _pixels(base)
+    with torch.no_grad():
+        plain = base(x).logits
+    tuned = hook().attach(base).eval()
+    with torch.no_grad():
+        for p in tuned.trainable_parameters():
+            p.add_(0.5 * torch.randn_like(p))  # "trained" values
+        got = tuned(x).logits
+    assert got.shape == plain.shape and torch.isfinite(got).all()
+    assert (got - plain).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    ("hook", "reason"),
+    [
+        (lambda: PVLAdapters(dim=16), "steps the vision and text towers together"),
+        (
+            lambda: BottleneckAdapters("shallow", width=8),
+            r"reads the text states of blocks [1, 2, 3]",
+        ),
+    ],
+    ids=["PVL", "shallow"],
+)
+def test_hooks_needing_text_states_are_refused_by_cotexnet_owned_or_attached(hook, reason):
+    attached = _error(lambda: hook().attach(_model("cotexnet-tiny")))
+    owned = _error(lambda: _model("cotexnet-tiny", hooks=[hook()]))
+    assert attached == owned  # one check, one message, both paths
+    assert reason in attached and "runs no text tower" in attached
+    assert "BottleneckAdapters('dense')" in attached  # what to use instead
+
+
+# ------------------------------------------------------------------ DualEncoder
+@pytest.mark.parametrize("hook", [lambda: CoCoOp(init=None), lambda: PVLAdapters(dim=16)])
+def test_dual_encoder_refuses_paired_hooks_at_attach_as_at_construction(hook):
+    attached = _error(lambda: TunedModel(_model("dual-encoder-tiny"), [hook()]))
+    owned = _error(lambda: _model("dual-encoder-tiny", hooks=[hook()]))
+    assert attached == owned
+    assert "embeds images and texts independently" in attached
