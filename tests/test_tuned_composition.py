@@ -105,3 +105,58 @@ def test_dual_encoder_refuses_paired_hooks_at_attach_as_at_construction(hook):
     owned = _error(lambda: _model("dual-encoder-tiny", hooks=[hook()]))
     assert attached == owned
     assert "embeds images and texts independently" in attached
+
+
+# ------------------------------------------------------------------ re-binding a bound hook
+def test_a_bound_bottleneck_hook_refuses_a_model_with_another_layout():
+    hook = BottleneckAdapters("shallow", width=8)
+    hook.attach(_model("clipseg-tiny"))
+    assert hook.kept_layers == (1, 2, 3)
+    message = _error(lambda: hook.attach(_model("medclipseg-tiny")))
+    assert "bound to a model with a different layout" in message
+    assert "kept_layers (1, 2, 3) (this model: (3,))" in message
+    assert "create a new BottleneckAdapters" in message
+    assert hook.kept_layers == (1, 2, 3) and len(hook.vision_extract_adapters) == 3
+    # a fresh hook binds to MedCLIPSeg's own layout
+    assert BottleneckAdapters("shallow", width=8).attach(_model("medclipseg-tiny")).hooks[
+        0
+    ].kept_layers == (3,)
+
+
+def test_a_bound_dense_hook_refuses_other_widths_before_any_forward():
+    hook = BottleneckAdapters("dense", width=8)
+    hook.attach(_model("clipseg-tiny"))
+    message = _error(lambda: hook.attach(_model("biomedclipseg-tiny")))
+    assert "text_width 64 (this model: 32)" in message
+    assert "tap_blocks (0, 1, 2, 3) (this model: (0, 1, 2, 3, 4))" in message
+
+
+def test_rebinding_to_the_same_layout_keeps_the_trained_adapters():
+    hook = BottleneckAdapters("shallow", width=8)
+    first = hook.attach(_model("clipseg-tiny"))
+    with torch.no_grad():
+        for p in hook.parameters():
+            p.add_(0.5)  # "trained"
+    trained = {k: v.clone() for k, v in hook.state_dict().items()}
+    second = hook.attach(_model("clipseg-tiny"))  # the same architecture and weights (seed 0)
+    assert all(torch.equal(trained[k], v) for k, v in hook.state_dict().items())
+    assert second.num_parameters(trainable_only=True) == first.num_parameters(trainable_only=True)
+    x = _pixels(first.base)
+    with torch.no_grad():
+        assert torch.equal(first(x, "a").logits, second(x, "a").logits)
+
+
+def test_a_bound_pvl_hook_refuses_towers_of_other_widths():
+    hook = PVLAdapters(dim=16, layers=[1, 2])
+    hook.attach(_model("clipseg-tiny"))
+    message = _error(lambda: hook.attach(_model("biomedclipseg-tiny")))
+    assert "bound to towers of widths (vision, text) (64, 64), not (64, 32)" in message
+
+
+def test_a_bound_roi_hook_refuses_towers_of_other_widths():
+    from vlsegkit.adapters import ROIPseudoTokens
+
+    hook = ROIPseudoTokens().bind(_model("clipseg-tiny").hook_slots())
+    assert hook.mapping[0].in_features == 64 and hook.mapping[2].out_features == 64
+    message = _error(lambda: hook.bind(_model("biomedclipseg-tiny").hook_slots()))
+    assert "bound to towers of widths (vision, text) (64, 64), not (64, 32)" in message
