@@ -160,3 +160,77 @@ def test_a_bound_roi_hook_refuses_towers_of_other_widths():
     assert hook.mapping[0].in_features == 64 and hook.mapping[2].out_features == 64
     message = _error(lambda: hook.bind(_model("biomedclipseg-tiny").hook_slots()))
     assert "bound to towers of widths (vision, text) (64, 64), not (64, 32)" in message
+
+
+# ------------------------------------------------------------------ dtypes
+def _tuned(make_hook, dtype, *, name: str = "clipseg-tiny", **kwargs) -> TunedModel:
+    torch.manual_seed(0)  # the same base, hook and upsampler initialisation for every dtype
+    base = create_model(name).to(dtype)
+    return make_hook().attach(base, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("hook", "kwargs"),
+    [
+        (lambda: VPT(depth=2, init_std=0.5), {"upsampler": True}),
+        (lambda: PVLAdapters(dim=16), {}),
+    ],
+    ids=["VPT+upsampler", "PVL"],
+)
+def test_hooks_take_the_float64_dtype_of_their_base(hook, kwargs):
+    import copy
+
+    tuned = _tuned(hook, torch.float64, **kwargs)
+    params = dict(tuned.named_parameters())
+    assert {p.dtype for p in params.values()} == {torch.float64}
+    assert {n.split(".")[0] for n, p in params.items() if p.requires_grad} == (
+        {"hooks", "upsampler"} if kwargs else {"hooks"}
+    )
+    # the true float64 run: the float32 tuned model, everything cast after construction
+    reference = copy.deepcopy(_tuned(hook, torch.float32, **kwargs)).to(torch.float64)
+    x = _pixels(tuned.base, dtype=torch.float64)
+    torch.manual_seed(1)  # PVL samples its values
+    got = tuned(x, "a").logits
+    torch.manual_seed(1)
+    expected = reference(x, "a").logits
+    assert got.dtype == torch.float64 and torch.equal(got, expected)
+
+
+def test_loading_onto_the_base_in_another_dtype_says_the_dtype_differs(tmp_path):
+    import json
+
+    from vlsegkit import VLSM
+    from vlsegkit.hub import CheckpointError
+
+    _model("clipseg-tiny").save_pretrained(tmp_path / "base")
+    tuned = VPT(depth=2, init_std=0.5).attach(VLSM.from_pretrained(tmp_path / "base"))
+    tuned.save_pretrained(tmp_path / "tuned")
+    config_path = tmp_path / "tuned" / "config.json"
+    assert json.loads(config_path.read_text())["base"]["fingerprint"]["dtype"] == "float32"
+    double = VLSM.from_pretrained(tmp_path / "base").double()
+    with pytest.raises(CheckpointError) as info:
+        TunedModel.from_pretrained(tmp_path / "tuned", base=double)
+    message = str(info.value)
+    assert "weights in float32, but the base given is float64" in message
+    assert "the difference is (or may be only) the dtype" in message
+    assert "weights_sha256 differ" not in message
+    # folders written before the fingerprint recorded the dtype: the usual dtypes are tried
+    config = json.loads(config_path.read_text())
+    del config["base"]["fingerprint"]["dtype"]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"weights in float32, but the base given is float64"):
+        TunedModel.from_pretrained(tmp_path / "tuned", base=double)
+    # the way the message gives: load onto the float32 base, then cast
+    loaded = TunedModel.from_pretrained(
+        tmp_path / "tuned", base=VLSM.from_pretrained(tmp_path / "base")
+    ).to(torch.float64)
+    x = _pixels(double, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, "a").logits, tuned.eval().to(torch.float64)(x, "a").logits)
+    # other weights are still "a different base model"
+    other = _model("clipseg-tiny", seed=1)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(CheckpointError, match="weights_sha256 differ"):
+        TunedModel.from_pretrained(
+            tmp_path / "tuned", base=VLSM.from_pretrained(tmp_path / "other")
+        )

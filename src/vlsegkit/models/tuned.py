@@ -51,6 +51,27 @@ __all__ = ["TunedModel", "base_fingerprint", "load_tuned"]
 _BASE_PREFIX = "base."
 
 
+def _floating_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype of all of ``model``'s floating parameters, or None (none, or mixed)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _weights_sha256(model: nn.Module, dtype: torch.dtype | None = None) -> str:
+    """SHA-256 of the name, shape, dtype and raw bytes of every state-dict tensor, with floating
+    tensors cast to ``dtype`` first when it is given."""
+    state = model.state_dict()
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu")
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        t = t.contiguous().reshape(-1)
+        digest.update(f"{name}:{tuple(state[name].shape)}:{t.dtype};".encode())
+        digest.update(t.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def base_fingerprint(model: VLSM) -> dict[str, Any]:
     """Identify a base model's architecture and exact weights without storing them.
 
@@ -58,33 +79,57 @@ def base_fingerprint(model: VLSM) -> dict[str, Any]:
         model: the base VLSM.
 
     Returns:
-        ``{"model_type", "config_sha256", "weights_sha256", "num_parameters"}``. The config hash
-        ignores trainability switches (keys starting with ``freeze``); the weights hash covers the
-        name, shape, dtype and raw bytes of every state-dict tensor (about 0.4 s for the 150M
-        parameters of CLIPSeg ViT-B/16 on one CPU core).
+        ``{"model_type", "config_sha256", "weights_sha256", "num_parameters", "dtype"}``. The
+        config hash ignores trainability switches (keys starting with ``freeze``); the weights
+        hash covers the name, shape, dtype and raw bytes of every state-dict tensor (about 0.4 s
+        for the 150M parameters of CLIPSeg ViT-B/16 on one CPU core). ``dtype`` (the parameters'
+        floating dtype, or None when mixed) is informative: it lets a failed check say when the
+        weights differ only by their dtype.
     """
     config = {k: v for k, v in model.config.items() if not k.startswith("freeze")}
     config_text = json.dumps(
         {"model_type": model.model_type, "config": config}, sort_keys=True, default=list
     )
-    state = model.state_dict()
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}:{tuple(state[name].shape)}:{t.dtype};".encode())
-        digest.update(t.view(torch.uint8).numpy())
+    dtype = _floating_dtype(model)
     return {
         "model_type": model.model_type,
         "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
-        "weights_sha256": digest.hexdigest(),
+        "weights_sha256": _weights_sha256(model),
         "num_parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
     }
+
+
+def _dtype_only_difference(base: VLSM, expected: dict[str, Any]) -> str | None:
+    """The dtype the base matches the expected weights hash in, when it does in another floating
+    dtype than its own (None otherwise). Tried: the recorded ``dtype``; for fingerprints written
+    before it was recorded, the usual training dtypes."""
+    own = _floating_dtype(base)
+    recorded = expected.get("dtype")
+    names = [recorded] if isinstance(recorded, str) else ["float32", "bfloat16", "float16"]
+    for name in names:
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype == own:
+            continue
+        if _weights_sha256(base, dtype) == expected.get("weights_sha256"):
+            return name
+    return None
 
 
 def _check_fingerprint(base: VLSM, expected: dict[str, Any], source: str) -> None:
     found = base_fingerprint(base)
     keys = ("model_type", "config_sha256", "weights_sha256", "num_parameters")
     wrong = [k for k in keys if found[k] != expected.get(k)]
+    if wrong == ["weights_sha256"]:
+        trained = _dtype_only_difference(base, expected)
+        if trained is not None:
+            raise CheckpointError(
+                f"the prompt learner in {source} was trained on this base model's weights in "
+                f"{trained}, but the base given is {found['dtype'] or 'of mixed dtypes'}: its "
+                f"weights cast to {trained} match, so the difference is (or may be only) the dtype. "
+                f"Load the base in {trained} (e.g. base.to(torch.{trained})), then cast the tuned "
+                f"model: TunedModel.from_pretrained(..., base=base).to(torch.<dtype>)"
+            )
     if wrong:
         details = "; ".join(f"{k}: expected {expected.get(k)!r}, found {found[k]!r}" for k in wrong)
         raise CheckpointError(
@@ -180,9 +225,13 @@ class TunedModel(VLSM):
         self.upsampler = self._make_upsampler(base, upsampler)
         first = next(base.parameters(), None)
         if first is not None:
-            self.hooks.to(first.device)
+            # the hooks and upsampler compute with the base's tensors: the base's device and, when
+            # its weights share one floating dtype, that dtype (float32 hooks on a float64 base
+            # would mix precisions or fail in a matmul)
+            dtype = _floating_dtype(base)
+            self.hooks.to(device=first.device, dtype=dtype)
             if self.upsampler is not None:
-                self.upsampler.to(first.device)
+                self.upsampler.to(device=first.device, dtype=dtype)
         self.image_size, self.image_mean, self.image_std = (
             base.image_size,
             base.image_mean,
