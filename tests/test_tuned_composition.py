@@ -234,3 +234,83 @@ def test_loading_onto_the_base_in_another_dtype_says_the_dtype_differs(tmp_path)
         TunedModel.from_pretrained(
             tmp_path / "tuned", base=VLSM.from_pretrained(tmp_path / "other")
         )
+
+
+# ------------------------------------------------------------------ the base's API, tuned
+def _namespace(model: str):
+    import argparse
+
+    return argparse.Namespace(model=model)
+
+
+def test_a_tuned_text_free_model_predicts_from_images_alone():
+    from vlsegkit.cli import CLIError, _predict_targets
+    from vlsegkit.models.capabilities import SupportsTextFree
+
+    base = _model("cotexnet-tiny")
+    tuned = VPT(depth=2, init_std=0.5).attach(base)
+    assert isinstance(tuned, SupportsTextFree) and tuned.upsampler is None
+    assert _predict_targets(tuned, [], _namespace("tuned")) == [None]  # the CLI's text-free route
+    with pytest.raises(CLIError, match="drop --prompt"):
+        _predict_targets(tuned, ["lesion"], _namespace("tuned"))
+    images = [torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(2)),
+              torch.rand(3, 30, 52, generator=torch.Generator().manual_seed(3))]  # fmt: skip
+    tuned.train()
+    probs = tuned.predict(images)
+    assert tuned.training and tuned.hooks[0].training  # the mode is restored
+    assert [tuple(p.shape) for p in probs] == [(1, 40, 40), (1, 30, 52)]
+    # re-stated: the tuned forward, text-free, resized back
+    pixels, _ = base.preprocess(images)
+    with torch.no_grad():
+        maps = tuned.eval()(pixels).logits.sigmoid()
+    for p, m, im in zip(probs, maps, images):
+        expected = torch.nn.functional.interpolate(
+            m[None], size=im.shape[-2:], mode="bilinear", align_corners=False
+        )[0]
+        assert (p - expected).abs().max() < 1e-6
+    assert (probs[0] - base.predict(images[0])).abs().max() > 1e-4  # the hooks acted
+    assert tuned.predict(images[0]).shape == (1, 40, 40)
+    with pytest.raises(ValueError, match="image alone"):
+        tuned.predict(images, "lesion")
+    with torch.no_grad():
+        cond = tuned.image_condition(pixels)
+        expected = tuned(pixels, condition="image").conditional_embeddings[:, 0]
+    assert cond.shape == (2, base.text_tower.embed_dim) and torch.equal(cond, expected)
+    assert (cond - base.image_condition(pixels)).abs().max() > 1e-4
+
+
+def test_a_tuned_dual_encoder_keeps_the_retrieval_api():
+    from vlsegkit.cli import CLIError, _predict_targets
+    from vlsegkit.models.capabilities import SupportsRetrieval
+
+    base = _model("dual-encoder-tiny")
+    hook = VPT(depth=2, init_std=0.5)
+    tuned = TunedModel(base, [hook])
+    assert isinstance(tuned, SupportsRetrieval) and tuned.embed_dim == base.embed_dim
+    with pytest.raises(CLIError, match="dual encoder"):
+        _predict_targets(tuned, ["lesion"], _namespace("tuned"))
+    texts = ["lesion", "polyp"]
+    x = _pixels(base)
+    with torch.no_grad():
+        image_embeds = tuned.encode_image(x)
+        text_embeds = tuned.encode_text(texts)
+        out = tuned(x, texts)
+        # re-stated with the base's own hooks= API
+        assert torch.equal(image_embeds, base.encode_image(x, hooks=[hook]))
+        assert torch.equal(text_embeds, base.encode_text(texts, hooks=[hook]))
+        assert (image_embeds - base.encode_image(x)).abs().max() > 1e-4  # VPT acted
+    assert torch.equal(out.image_embeds, image_embeds) and torch.equal(out.text_embeds, text_embeds)
+    torch.testing.assert_close(tuned.similarity(image_embeds, text_embeds), out.logits)
+    ids, mask = tuned.tokenize(texts)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            tuned.encode_text(input_ids=ids, attention_mask=mask), text_embeds
+        )
+    images = [torch.rand(3, 40, 40), torch.rand(3, 50, 30)]
+    probs = tuned.predict(images, texts)
+    assert probs.shape == (2, 2)
+    pixels, _ = base.preprocess(images)
+    with torch.no_grad():
+        expected = tuned.similarity(tuned.encode_image(pixels), text_embeds).softmax(-1)
+    torch.testing.assert_close(probs, expected)
+    assert tuned.predict(images[0], texts).shape == (2,)

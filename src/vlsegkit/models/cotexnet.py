@@ -647,17 +647,21 @@ class CoTexNet(VLSM):
         )
         return self.text_tower.pool(run.states["text"])
 
-    def image_condition(self, pixel_values: Tensor) -> Tensor:
-        """The text-free conditioning ``T^_c = T_c·s + m`` of images (eq. 12), ``(B, E)``."""
-        return self(pixel_values, condition="image").conditional_embeddings[:, 0]
+    def image_condition(self, pixel_values: Tensor, *, hooks: Sequence[TowerHook] = ()) -> Tensor:
+        """The text-free conditioning ``T^_c = T_c·s + m`` of images (eq. 12), ``(B, E)``, with
+        the model's own hooks and ``hooks``."""
+        return self(pixel_values, condition="image", hooks=hooks).conditional_embeddings[:, 0]
 
     # ------------------------------------------------------------------ inference
     def probabilities(self, logits: Tensor) -> Tensor:
         """Sigmoid of one-channel logits, softmax over the ``K + 1`` classes otherwise."""
         return torch.sigmoid(logits) if self.num_outputs == 1 else torch.softmax(logits, dim=1)
 
-    def _predict_probs(self, pixel_values: Tensor, prompts: Any = None) -> Tensor:
-        return self.probabilities(self(pixel_values, condition="image").logits.float())
+    def _predict_probs(
+        self, pixel_values: Tensor, prompts: Any = None, hooks: Sequence[TowerHook] = ()
+    ) -> Tensor:
+        logits = self(pixel_values, condition="image", hooks=hooks).logits
+        return self.probabilities(logits.float())
 
     @torch.no_grad()
     def predict(
@@ -667,6 +671,7 @@ class CoTexNet(VLSM):
         *,
         batch_size: int = 8,
         progress: bool | None = False,
+        hooks: Sequence[TowerHook] = (),
     ) -> Tensor | list[Tensor]:
         """Text-free probabilities at each image's original size (eq. 12): no prompt, no mask.
 
@@ -675,6 +680,7 @@ class CoTexNet(VLSM):
             prompts: must be None; CoTexNet predicts from the image alone.
             batch_size: images per forward pass.
             progress: a progress bar over the images (None: only when stderr is a terminal).
+            hooks: hooks to run besides the model's own (a :class:`~vlsegkit.TunedModel`'s).
 
         Returns:
             ``(1, H, W)`` foreground probabilities (binary) or ``(K + 1, H, W)`` class
@@ -689,7 +695,7 @@ class CoTexNet(VLSM):
         out: list[Tensor] = []
         with eval_mode(self):
             for _, pixels, sizes in self.image_chunks(items, batch_size, progress=progress):
-                probs = self._predict_probs(pixels)
+                probs = self._predict_probs(pixels, hooks=hooks)
                 for p, size in zip(probs, sizes):
                     up = F.interpolate(p[None], size=size, mode="bilinear", align_corners=False)
                     out.append(up[0].cpu())

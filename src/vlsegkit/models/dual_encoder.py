@@ -389,6 +389,7 @@ class DualEncoder(LazyTokenizer, VLSM):
         texts: str | Sequence[str],
         *,
         batch_size: int = 8,
+        hooks: Sequence[TowerHook] = (),
     ) -> Tensor:
         """Zero-shot classification: the softmax over ``texts`` of each image's logits.
 
@@ -397,6 +398,7 @@ class DualEncoder(LazyTokenizer, VLSM):
                 size; resized to ``image_size`` and normalised.
             texts: T class descriptions, shared by every image.
             batch_size: images per forward pass.
+            hooks: hooks to run besides the model's own (a :class:`~vlsegkit.TunedModel`'s).
 
         Returns:
             ``(T,)`` probabilities for a single image, ``(N, T)`` for a list of N images. The
@@ -405,9 +407,9 @@ class DualEncoder(LazyTokenizer, VLSM):
         single, items = _as_image_list(images)
         out = []
         with eval_mode(self):
-            text_embeds = self.encode_text(texts)
+            text_embeds = self.encode_text(texts, hooks=hooks)
             for _, pixels, _ in self.image_chunks(items, batch_size):
-                logits = self.similarity(self.encode_image(pixels), text_embeds)
+                logits = self.similarity(self.encode_image(pixels, hooks=hooks), text_embeds)
                 out.append(logits.softmax(dim=-1).cpu())
         probs = torch.cat(out)
         return probs[0] if single else probs

@@ -42,8 +42,13 @@ from ..hub import (
 )
 from ..layers.upsampler import LearnableUpsampler
 from ..registry import hook_from_config
-from .base import VLSM
-from .capabilities import SupportsDecoderFeatures, SupportsHooks
+from .base import VLSM, eval_mode
+from .capabilities import (
+    SupportsDecoderFeatures,
+    SupportsHooks,
+    SupportsRetrieval,
+    SupportsTextFree,
+)
 from .outputs import SegmentationOutput
 
 __all__ = ["TunedModel", "base_fingerprint", "load_tuned"]
@@ -244,9 +249,15 @@ class TunedModel(VLSM):
         self.base.eval()
         from ..uncertainty import SupportsMonteCarlo
 
-        if isinstance(base, SupportsMonteCarlo) and self.upsampler is None:
-            # a stochastic base: the tuned model offers Monte Carlo inference too
-            self.__class__ = _StochasticTunedModel
+        # the tuned model keeps the base's inference API, run with the hooks (without an
+        # upsampler: these methods delegate to the base's, which know nothing of one)
+        if self.upsampler is None:
+            if isinstance(base, SupportsMonteCarlo):
+                self.__class__ = _StochasticTunedModel
+            elif isinstance(base, SupportsTextFree):
+                self.__class__ = _TextFreeTunedModel
+            elif isinstance(base, SupportsRetrieval):
+                self.__class__ = _RetrievalTunedModel
 
     @staticmethod
     def _make_upsampler(base: VLSM, upsampler) -> LearnableUpsampler | None:
@@ -450,6 +461,75 @@ class _StochasticTunedModel(TunedModel):
     def predict(self, images: Any, prompts: Any, *, samples: int = 30, **kwargs: Any):
         """Mean Monte Carlo probability per image at its original size."""
         return self.predict_with_uncertainty(images, prompts, samples, **kwargs).mean
+
+
+class _TextFreeTunedModel(TunedModel):
+    """A :class:`TunedModel` over a text-free base (CoTexNet): ``predict(images)`` and
+    ``image_condition`` from the image alone, with the hooks
+    (:class:`~vlsegkit.models.capabilities.SupportsTextFree`)."""
+
+    def image_condition(self, pixel_values: Tensor) -> Tensor:
+        """The base's text-free conditioning vectors ``(B, E)``, with the hooks."""
+        return self.base.image_condition(pixel_values, hooks=list(self.hooks))
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: Any,
+        prompts: Any = None,
+        *,
+        batch_size: int = 8,
+        progress: bool | None = False,
+    ) -> Tensor | list[Tensor]:
+        """The base's text-free ``predict`` with the hooks (in eval mode): probabilities
+        ``(C, H, W)`` at each image's original size, from the images alone (``prompts`` must be
+        None)."""
+        with eval_mode(self):
+            return self.base.predict(
+                images, prompts, batch_size=batch_size, progress=progress, hooks=list(self.hooks)
+            )
+
+
+class _RetrievalTunedModel(TunedModel):
+    """A :class:`TunedModel` over a dual encoder: the base's embeddings, similarity and zero-shot
+    ``predict``, with the hooks (:class:`~vlsegkit.models.capabilities.SupportsRetrieval`)."""
+
+    @property
+    def embed_dim(self) -> int:
+        """Width ``E`` of the joint embedding space."""
+        return self.base.embed_dim
+
+    def encode_image(self, pixel_values: Tensor, *, hooks: Sequence[TowerHook] = ()) -> Tensor:
+        """Image embeddings ``(B, E)`` of the base run with the tuned hooks (and ``hooks``)."""
+        return self.base.encode_image(pixel_values, hooks=[*self.hooks, *hooks])
+
+    def encode_text(
+        self,
+        texts: str | Sequence[str] | None = None,
+        *,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        hooks: Sequence[TowerHook] = (),
+    ) -> Tensor:
+        """Text embeddings ``(T, E)`` of T strings or token ids ``(T, L)``, by the base run with
+        the tuned hooks (and ``hooks``)."""
+        return self.base.encode_text(
+            texts,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            hooks=[*self.hooks, *hooks],
+        )
+
+    def similarity(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
+        """The base's ``(B, T)`` similarity logits."""
+        return self.base.similarity(image_embeds, text_embeds)
+
+    @torch.no_grad()
+    def predict(self, images: Any, texts: str | Sequence[str], *, batch_size: int = 8) -> Tensor:
+        """The base's zero-shot classification with the hooks (in eval mode): the softmax over
+        ``texts`` of each image's logits, ``(T,)`` for one image, ``(N, T)`` for N images."""
+        with eval_mode(self):
+            return self.base.predict(images, texts, batch_size=batch_size, hooks=list(self.hooks))
 
 
 def load_tuned(id_or_path: str | os.PathLike, **kwargs: Any) -> TunedModel:
