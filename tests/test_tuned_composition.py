@@ -314,3 +314,31 @@ def test_a_tuned_dual_encoder_keeps_the_retrieval_api():
         expected = tuned.similarity(tuned.encode_image(pixels), text_embeds).softmax(-1)
     torch.testing.assert_close(probs, expected)
     assert tuned.predict(images[0], texts).shape == (2,)
+
+
+# ------------------------------------------------------------------ a base built in code
+def test_a_base_built_in_code_warns_at_save_and_names_the_loader(tmp_path):
+    import warnings
+
+    from vlsegkit import VLSM
+    from vlsegkit.hub import CheckpointError
+
+    tuned = VPT(depth=2, init_std=0.5).attach(_model("clipseg-tiny")).eval()
+    folder = tmp_path / "tuned"
+    with pytest.warns(UserWarning, match="will load only with vlsegkit.TunedModel.from_pretrained"):
+        tuned.save_pretrained(folder)
+    with pytest.raises(CheckpointError) as info:
+        VLSM.from_pretrained(folder)
+    message = str(info.value)
+    assert f"vlsegkit.TunedModel.from_pretrained({str(folder)!r}, base=<the base model>)" in message
+    assert "VLSM.from_pretrained cannot take base=" in message
+    loaded = TunedModel.from_pretrained(folder, base=_model("clipseg-tiny"))
+    x = _pixels(tuned.base)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, "a").logits, tuned(x, "a").logits)
+    # a base loaded from a folder is recorded: no warning
+    _model("clipseg-tiny").save_pretrained(tmp_path / "base")
+    recorded = VPT(depth=2).attach(VLSM.from_pretrained(tmp_path / "base"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        recorded.save_pretrained(tmp_path / "recorded")

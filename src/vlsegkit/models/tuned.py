@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -144,12 +145,21 @@ def _check_fingerprint(base: VLSM, expected: dict[str, Any], source: str) -> Non
         )
 
 
-def _resolve_base(reference: dict[str, Any], **hub_kwargs: Any) -> VLSM:
+_NO_BASE_SOURCE = (
+    "does not record where its base model comes from (the base was built in code, e.g. with "
+    "create_model, not loaded with VLSM.from_pretrained)"
+)
+
+
+def _resolve_base(reference: dict[str, Any], source: Any = None, **hub_kwargs: Any) -> VLSM:
     path = reference.get("name_or_path")
     if not path:
+        where = "this tuned model" if source is None else f"the tuned model {str(source)!r}"
         raise CheckpointError(
-            "this tuned model does not record where its base model comes from (the base was not "
-            "loaded with VLSM.from_pretrained); pass base= explicitly"
+            f"{where} {_NO_BASE_SOURCE}: build that base again and load it with "
+            f"vlsegkit.TunedModel.from_pretrained({'path' if source is None else repr(str(source))}"
+            ", base=<the base model>) (VLSM.from_pretrained cannot take base=; the base's "
+            "fingerprint is checked)"
         )
     try:
         return VLSM.from_pretrained(path, revision=reference.get("revision"), **hub_kwargs)
@@ -373,6 +383,23 @@ class TunedModel(VLSM):
         return dataclasses.replace(out, logits=logits)
 
     # ------------------------------------------------------------------ Hub I/O
+    def save_pretrained(self, save_directory: str | os.PathLike):
+        """Write the hooks' (and upsampler's) weights and ``config.json`` with the base reference.
+
+        Warns when the base records no source (built in code, not loaded with
+        ``VLSM.from_pretrained``): the folder then loads only with
+        ``TunedModel.from_pretrained(folder, base=...)``.
+        """
+        if not self.base.name_or_path:
+            warnings.warn(
+                f"the base model {_NO_BASE_SOURCE}: the saved folder will load only with "
+                f"vlsegkit.TunedModel.from_pretrained({str(save_directory)!r}, base=<the base "
+                "model>). Save the base (base.save_pretrained) and load it with "
+                "VLSM.from_pretrained before attaching, to record it",
+                stacklevel=2,
+            )
+        return super().save_pretrained(save_directory)
+
     @classmethod
     def from_pretrained(
         cls,
@@ -420,7 +447,7 @@ class TunedModel(VLSM):
             raise CheckpointError(f"{config_path} has no 'hooks' list")
         revision = hub_kwargs.pop("revision", None)
         if base is None:
-            base = _resolve_base(reference, **hub_kwargs)
+            base = _resolve_base(reference, id_or_path, **hub_kwargs)
         _check_fingerprint(base, reference.get("fingerprint", {}), str(config_path))
         try:
             model = cls(base, hooks, upsampler=config.get("upsampler"))
