@@ -342,3 +342,38 @@ def test_a_base_built_in_code_warns_at_save_and_names_the_loader(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         recorded.save_pretrained(tmp_path / "recorded")
+
+
+# ------------------------------------------------------------------ lockstep + image features
+class _GivenFeaturesCoCoOp(CoCoOp):
+    """CoCoOp fed fixed image features instead of the model's (a re-statement for the test)."""
+
+    needs_image_features = False
+
+    def _prompts(self, image_features):
+        return super()._prompts(self.given)
+
+
+@pytest.mark.parametrize("name", ["clipseg-tiny", "biomedclipseg-tiny", "medclipseg-tiny"])
+def test_pvl_and_cocoop_together_condition_the_text_on_the_plain_vision_tower(name):
+    base = _model(name).eval()
+    pvl = PVLAdapters(dim=16, layers=[1, 2], deterministic=True, gate_init=1.0)
+    cocoop = CoCoOp(init=None, init_std=0.5)
+    tuned = TunedModel(base, [pvl, cocoop])
+    x, prompts = _pixels(base), ["a", "b"]
+    torch.manual_seed(0)  # MedCLIPSeg's own adapters sample
+    got = tuned(x, prompts).logits
+    # re-stated: CoCoOp's contexts from the image features of the vision tower run alone
+    given = _GivenFeaturesCoCoOp(init=None).bind(base.hook_slots())
+    given.load_state_dict(cocoop.state_dict())
+    with torch.no_grad():
+        given.given = base.vision_tower(x).pooled
+        torch.manual_seed(0)
+        expected = base(x, prompts, hooks=[pvl, given]).logits
+        torch.manual_seed(0)
+        without = base(x, prompts, hooks=[pvl]).logits
+    assert got.shape == (2, 1, *base.image_size)
+    assert (got - expected).abs().max() < 1e-5
+    assert (got - without).abs().max() > 1e-4  # CoCoOp acted
+    got.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cocoop.meta_nets.parameters())
