@@ -377,3 +377,19 @@ def test_pvl_and_cocoop_together_condition_the_text_on_the_plain_vision_tower(na
     assert (got - without).abs().max() > 1e-4  # CoCoOp acted
     got.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cocoop.meta_nets.parameters())
+
+
+# ------------------------------------------------------------------ prompt depth vs blocks run
+def test_prompts_beyond_the_blocks_a_model_runs_warn_and_get_no_gradient():
+    import warnings
+
+    base = _model("biomedclipseg-tiny")
+    assert base.hook_slots().depth("vision") == 5 < base.vision_tower.num_layers == 6
+    with pytest.warns(UserWarning, match=r"the prompts for blocks \[5\] are never used"):
+        tuned = VPT(depth=6).attach(base, upsampler=None)
+    tuned(_pixels(base), "a").logits.square().mean().backward()
+    grad = tuned.learner.tokens.grad
+    assert grad[5].abs().max() == 0 and (grad[:5].flatten(1).abs().amax(1) > 0).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        VPT(depth=5).attach(_model("biomedclipseg-tiny"), upsampler=None)
