@@ -260,6 +260,19 @@ def _hook(name: str):
 # Hooks fed by their own model (CoTexNet's ROI tokens) are part of it, not attachable to others.
 HOOKS = [h for h in list_hooks() if not hook_class(h).model_inputs] + ["BottleneckAdapters-dense"]
 
+# Hooks a model refuses at attach time (its check_hooks), with the reason the error must give.
+REFUSED = {
+    # a dual encoder embeds texts independently of images
+    ("dual-encoder-tiny", "CoCoOp"): "embeds images and texts independently",
+    ("dual-encoder-tiny", "PVLAdapters"): "embeds images and texts independently",
+    # CoTexNet's text-free inference runs no text tower, and the frozen [CLS] predictor cannot
+    # carry a text-only hook's training to it
+    ("cotexnet-tiny", "CoOp"): "acts only on the text tower",
+    ("cotexnet-tiny", "CoCoOp"): "acts only on the text tower",
+    ("cotexnet-tiny", "PVLAdapters"): "steps the vision and text towers together.*runs no text",
+    ("cotexnet-tiny", "BottleneckAdapters"): r"reads the text states of blocks \[1, 2, 3\]",
+}
+
 
 def test_every_hook_family_is_covered():
     assert {"CoOp", "CoCoOp", "VPT", "MaPLe", "SharedSeparate", "SharedAttention",
@@ -291,6 +304,12 @@ def test_every_hook_attaches_trains_and_changes_only_its_weights(name, hook_name
             hook.attach(base)
         assert slots.unavailable[missing[0]]  # the model says why
         assert all(p.requires_grad for p in base.trainable_parameters())
+        return
+    if (name, hook_name) in REFUSED:
+        trainable = base.num_parameters(trainable_only=True)
+        with pytest.raises(ValueError, match=REFUSED[name, hook_name]):
+            hook.attach(base)
+        assert base.num_parameters(trainable_only=True) == trainable > 0  # the base not frozen
         return
     if (hook.lockstep or hook.pairs_text_with_images) and not slots.lockstep:
         pytest.skip(f"{name} embeds texts independently of images; {hook_name} pairs them")

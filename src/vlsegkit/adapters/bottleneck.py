@@ -41,6 +41,11 @@ Variant = Literal["shallow", "dense"]
 _DEFAULT_WIDTH = {"shallow": 512, "dense": 64}
 
 
+def _kept(slots: HookSlots) -> tuple[int, ...]:
+    """The vision blocks the decoder reads (the last block run when the model names none)."""
+    return tuple(slots.kept.get("vision", ())) or (slots.depth("vision") - 1,)
+
+
 class BottleneckAdapter(nn.Module):
     """Residual bottleneck ``x + fc2(act(fc1(x)))`` (Houlsby et al. 2019).
 
@@ -155,6 +160,7 @@ class BottleneckAdapters(TowerHook):
         self.tap_blocks: tuple[int, ...] = ()
         self._pooling: str | None = None
         self._text_tower: Any = None
+        self._bound_layout: dict[str, Any] = {}
         self.bound = False
 
     def _adapter(self, dim: int, hidden: int) -> BottleneckAdapter:
@@ -165,46 +171,87 @@ class BottleneckAdapters(TowerHook):
     def _stack(self, dim: int, count: int) -> nn.ModuleList:
         return nn.ModuleList(self._adapter(dim, self.width) for _ in range(count))
 
-    def bind(self, slots: HookSlots) -> BottleneckAdapters:
-        """Create the adapters for the model's kept blocks, tower widths and condition width."""
-        if self.bound:
-            return self
+    def _layout(self, slots: HookSlots) -> dict[str, Any]:
+        """Where the adapters go on the model of ``slots`` and their widths (validated): what
+        the parameters are built from, so two models with equal layouts take the same adapters."""
         vision, text = slots.towers["vision"], slots.towers["text"]
-        kept = tuple(slots.kept.get("vision", ())) or (slots.depth("vision") - 1,)
-        self.kept_layers = kept
-        self._text_tower = [text]  # a list: not registered as a submodule (the model owns it)
-        if self.use_condition:
+        kept = _kept(slots)
+        # shallow adapters sit at the kept blocks; dense ones at tap_blocks (derived below)
+        layout: dict[str, Any] = {"kept_layers": kept} if self.variant == "shallow" else {}
+        if self.use_vision:
+            layout["vision_width"] = vision.width
+        if self.use_text:
+            layout["text_width"] = text.width
+        if self.use_condition or (self.variant == "shallow" and self.use_text):
+            layout["condition_dim"] = slots.condition_dim
+        if self.use_condition and slots.condition_dim is None:
+            raise ValueError(
+                "this model has no conditioning vector; use condition=False for its adapters"
+            )
+        if self.variant == "shallow" and self.use_text:
             if slots.condition_dim is None:
                 raise ValueError(
-                    "this model has no conditioning vector; use condition=False for its adapters"
+                    "shallow text adapters add to the conditioning vector, which this model "
+                    "does not have; use text=False"
                 )
+            pooling = self.text_features
+            if pooling is None:
+                pooling = "hidden" if text.width == slots.condition_dim else "projected"
+            if pooling == "hidden" and text.width != slots.condition_dim:
+                raise ValueError(
+                    f"text_features='hidden' adds {text.width}-wide text states to the "
+                    f"{slots.condition_dim}-wide condition; use text_features='projected'"
+                )
+            layout["pooling"] = pooling
+        if self.variant == "dense":
+            last = max(kept)
+            default = range(last) if self.released else range(last + 1)
+            blocks = default if self._layers is None else self._layers
+            depth = min(slots.depth("vision"), slots.depth("text"))
+            layout["tap_blocks"] = check_layers(blocks, depth, name="BottleneckAdapters layers")
+        return layout
+
+    def bind(self, slots: HookSlots) -> BottleneckAdapters:
+        """Create the adapters for the model's kept blocks, tower widths and condition width.
+
+        Binding again to a model with the same layout (e.g. when a saved tuned model is loaded) keeps
+        the trained adapters.
+
+        Raises:
+            ValueError: the model has no conditioning vector for the enabled groups, or the hook is
+                already bound to a model with a different layout (its adapters have that model's
+                blocks and widths: use a new ``BottleneckAdapters`` for this one).
+        """
+        layout = self._layout(slots)
+        if self.bound:
+            if layout != self._bound_layout:
+                diff = ", ".join(
+                    f"{k} {self._bound_layout.get(k)!r} (this model: {layout.get(k)!r})"
+                    for k in sorted({*layout, *self._bound_layout})
+                    if layout.get(k) != self._bound_layout.get(k)
+                )
+                raise ValueError(
+                    f"BottleneckAdapters is bound to a model with a different layout: {diff}; "
+                    "create a new BottleneckAdapters for this model"
+                )
+            # the same layout: keep the trained adapters, pool with this model's text tower
+            self._text_tower = [slots.towers["text"]]
+            return self
+        self._bound_layout = layout
+        vision, text = slots.towers["vision"], slots.towers["text"]
+        self.kept_layers = kept = _kept(slots)
+        self._text_tower = [text]  # a list: not a submodule (the model owns it)
+        if self.use_condition:
             self.cond_adapter = self._adapter(slots.condition_dim, self.condition_width)
         if self.variant == "shallow":
             if self.use_vision:
                 self.vision_extract_adapters = self._stack(vision.width, len(kept))
             if self.use_text:
-                if slots.condition_dim is None:
-                    raise ValueError(
-                        "shallow text adapters add to the conditioning vector, which this model "
-                        "does not have; use text=False"
-                    )
-                pooling = self.text_features
-                if pooling is None:
-                    pooling = "hidden" if text.width == slots.condition_dim else "projected"
-                if pooling == "hidden" and text.width != slots.condition_dim:
-                    raise ValueError(
-                        f"text_features='hidden' adds {text.width}-wide text states to the "
-                        f"{slots.condition_dim}-wide condition; use text_features='projected'"
-                    )
-                self._pooling = pooling
-                width = text.width if pooling == "hidden" else slots.condition_dim
+                self._pooling = layout["pooling"]
+                width = text.width if self._pooling == "hidden" else slots.condition_dim
                 self.text_extract_adapters = self._stack(width, len(kept))
         else:
-            last = max(kept)
-            default = range(last) if self.released else range(last + 1)
-            blocks = default if self._layers is None else self._layers
-            depth = min(slots.depth("vision"), slots.depth("text"))
-            self.tap_blocks = check_layers(blocks, depth, name="BottleneckAdapters layers")
+            self.tap_blocks = layout["tap_blocks"]
             n = len(self.tap_blocks)
             if self.use_vision:
                 self.v_attn_adapters = self._stack(vision.width, n)
@@ -218,6 +265,13 @@ class BottleneckAdapters(TowerHook):
     def _check_bound(self) -> None:
         if not self.bound:
             raise RuntimeError("BottleneckAdapters has no parameters yet: attach it to a model")
+
+    def acts_on(self, target: str) -> bool:
+        """The switched-on groups: ``"vision"`` / ``"text"`` adapters, and ``"condition"`` (the
+        condition adapter, and the shallow text adapters, which add to the condition)."""
+        if target == "condition":
+            return self.use_condition or (self.variant == "shallow" and self.use_text)
+        return {"vision": self.use_vision, "text": self.use_text}.get(target, False)
 
     # ------------------------------------------------------------------ shallow
     def keep_layers(self, tower: str) -> Collection[int]:

@@ -91,9 +91,16 @@ class PVLAdapters(TowerHook):
         depth = min(slots.depth("vision"), slots.depth("text"))
         layers = range(1, depth - 1) if self._layers is None else self._layers
         layers = check_layers(layers, depth, name="PVLAdapters layers")
+        widths = (vision.width, text.width)
         if self.slot:
             if tuple(self.slot) != layers:
                 raise ValueError(f"PVLAdapters is bound to layers {tuple(self.slot)}, not {layers}")
+            bound = (self[0].vision_dim, self[0].text_dim)
+            if bound != widths:
+                raise ValueError(
+                    f"PVLAdapters is bound to towers of widths (vision, text) {bound}, not "
+                    f"{widths}; create a new PVLAdapters for this model"
+                )
             return self
         self.slot = {layer: n for n, layer in enumerate(layers)}
         for n in range(len(layers)):

@@ -108,12 +108,17 @@ class ROIPseudoTokens(TowerHook):
         if "vision" not in slots.towers or "text" not in slots.towers:
             raise ValueError("ROIPseudoTokens needs a model with a vision and a text tower")
         text = slots.towers["text"]
+        widths = (int(slots.towers["vision"].width), int(text.width))
+        if hasattr(self, "mapping"):
+            bound = (self.mapping[0].in_features, self.mapping[2].out_features)
+            if bound != widths:
+                raise ValueError(
+                    f"ROIPseudoTokens is bound to towers of widths (vision, text) {bound}, not "
+                    f"{widths}"
+                )
+        else:
+            self.mapping = MappingModule(widths[0], self.hidden_dim or widths[1], widths[1])
         self._word_embedding = [_token_embedding(text)]
-        if not hasattr(self, "mapping"):
-            width = int(text.width)
-            self.mapping = MappingModule(
-                int(slots.towers["vision"].width), self.hidden_dim or width, width
-            )
         return self
 
     def layers(self, tower: str) -> Collection[int]:

@@ -190,6 +190,16 @@ class TowerHook(RecordsConfig, nn.Module):
         """Blocks of ``tower`` whose outputs the hook itself needs (read from ``ctx.kept``)."""
         return ()
 
+    def acts_on(self, target: str) -> bool:
+        """Whether the (bound) hook changes ``target``: a tower role (``"vision"``, ``"text"``) or
+        ``"condition"`` (the model's conditioning vector, :meth:`condition`).
+
+        Default: the towers in ``towers``, never the condition. Hooks whose switches turn a part
+        off, or that transform the condition, say so here: models read it to refuse hooks that
+        would change nothing on the path they run (e.g. CoTexNet's text-free inference).
+        """
+        return target in self.towers
+
     # ------------------------------------------------------------------ what
     def embed(self, tower: str, ctx: RunContext) -> dict[str, Any]:
         """Keyword arguments for ``tower.embed`` (``context=`` / ``prompts=`` of prompt learners)."""

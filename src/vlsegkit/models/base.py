@@ -427,7 +427,23 @@ class VLSM(RecordsConfig, nn.Module):
             slots = self.hook_slots()
             slots.require(hook)  # a clear error for a tower the model cannot offer hooks
             bound.append(hook.bind(slots))
+        self.check_hooks(bound)
         return nn.ModuleList(bound)
+
+    def check_hooks(self, hooks: Sequence[TowerHook], *, frozen: bool = False) -> None:
+        """Refuse bound hooks this model cannot run, or would run without any effect.
+
+        Called for the hooks a model owns (at construction, ``frozen=False``) and for the hooks a
+        :class:`~vlsegkit.TunedModel` attaches to it (``frozen=True``), so both paths refuse the
+        same hooks with the same message before any training. The default accepts every hook.
+
+        Args:
+            hooks: hooks already bound to this model's slots.
+            frozen: the hooks drive this model frozen (nothing of the model trains with them).
+
+        Raises:
+            ValueError: naming the hook, why it does not fit and what to use instead.
+        """
 
     def _run_hooks(self, extra: Sequence[TowerHook]) -> tuple[TowerHook, ...]:
         """The model's own hooks followed by the ones given to this call."""

@@ -386,9 +386,14 @@ class CLIPSeg(VLSM):
         else:
             cond, index = self._embedding_rows(conditional_embeddings, b)
 
+        if lockstep and features:
+            # the text rows (e.g. CoCoOp's contexts) need the image features before the towers
+            # step together, and the lockstep run's vision states depend on the text: the
+            # features come from a pass of the plain vision tower, as in MedCLIPSeg
+            ctx.image_features = self.vision_tower(pixel_values).pooled
         vision = embed_tower("vision", self.vision_tower, pixel_values, hooks=hooks, ctx=ctx)
         keep = sorted({*self.extract_layers, *_hook_keeps(hooks, "vision")})
-        stop = None if features else max(keep) + 1
+        stop = None if features and not lockstep else max(keep) + 1
         if lockstep:
             vision = vision.take(ctx.text_image_index)
             text = embed_tower("text", self.text_tower, ids, mask, hooks=hooks, ctx=ctx)

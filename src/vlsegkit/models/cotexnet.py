@@ -322,6 +322,50 @@ class CoTexNet(VLSM):
         """
         return self._slots()
 
+    def check_hooks(self, hooks: Sequence[TowerHook], *, frozen: bool = False) -> None:
+        """Refuse hooks that cannot act in the text-free inference (``predict(images)``,
+        ``model(x)``), which runs the vision tower, the [CLS] predictor and the decoder only.
+
+        * Hooks that need the text tower's states there -- lockstep hooks (PVL adapters) and hooks
+          that read kept text blocks (shallow bottleneck adapters with ``text=True``) -- would train
+          and then fail at inference: refused, owned or attached.
+        * With ``frozen`` (a :class:`~vlsegkit.TunedModel`), hooks that change neither the vision
+          tower nor the conditioning vector (:meth:`~vlsegkit.encoders.TowerHook.acts_on`; e.g.
+          CoOp, CoCoOp) are refused as well: they only shape the text embedding, which reaches
+          inference through the [CLS] predictor's distillation -- and that predictor is frozen
+          there, so training them could not change any prediction. Owned by the model, they train
+          together with the predictor.
+
+        Raises:
+            ValueError: naming the hook, the reason and the alternative.
+        """
+        for hook in hooks:
+            name = type(hook).__name__
+            text_blocks = sorted(hook.keep_layers("text")) if "text" in hook.towers else []
+            if hook.lockstep or text_blocks:
+                what = (
+                    "steps the vision and text towers together"
+                    if hook.lockstep
+                    else f"reads the text states of blocks {text_blocks}"
+                )
+                raise ValueError(
+                    f"{name} {what}, but CoTexNet's text-free inference (predict(images), "
+                    "model(x)) runs no text tower: it would train and then fail at inference. Use "
+                    "hooks that act on the vision tower or the conditioning vector alone (VPT, "
+                    "MaPLe, BottleneckAdapters('dense') or BottleneckAdapters('shallow', "
+                    "text=False))"
+                )
+            if frozen and not (hook.acts_on("vision") or hook.acts_on("condition")):
+                raise ValueError(
+                    f"{name} acts only on the text tower, which CoTexNet's text-free inference "
+                    "(predict(images), model(x)) never runs; attached to a frozen CoTexNet (its "
+                    "[CLS] predictor frozen too) training it cannot change any prediction. Make it "
+                    f"the model's own hook instead -- create_model('cotexnet-...', hooks=[{name}"
+                    "(...)]) -- so that the [CLS] predictor trains with it through the "
+                    "distillation, or attach a hook that acts on the vision tower (VPT, MaPLe, "
+                    "BottleneckAdapters('dense'))"
+                )
+
     # ------------------------------------------------------------------ inputs
     def _resolve_condition(self, condition: str, prompts: Any, masks: Any) -> str:
         if condition not in _CONDITIONS:
@@ -508,8 +552,8 @@ class CoTexNet(VLSM):
                 distillation loss) or ``"text"`` (``sigmoid(T_e)·s + m``).
             hooks: extra :class:`~vlsegkit.encoders.TowerHook` s (prompt learners, adapters). In the
                 text-free path hooks acting only on the text tower have no effect (their training
-                reached ``T_c`` through the distillation); lockstep hooks need the text tower and
-                raise there.
+                reached ``T_c`` through the distillation); hooks that need the text tower's states
+                are refused when bound (:meth:`check_hooks`) and raise here.
 
         Returns:
             :class:`CoTexNetOutput`.
@@ -603,17 +647,21 @@ class CoTexNet(VLSM):
         )
         return self.text_tower.pool(run.states["text"])
 
-    def image_condition(self, pixel_values: Tensor) -> Tensor:
-        """The text-free conditioning ``T^_c = T_c·s + m`` of images (eq. 12), ``(B, E)``."""
-        return self(pixel_values, condition="image").conditional_embeddings[:, 0]
+    def image_condition(self, pixel_values: Tensor, *, hooks: Sequence[TowerHook] = ()) -> Tensor:
+        """The text-free conditioning ``T^_c = T_c·s + m`` of images (eq. 12), ``(B, E)``, with
+        the model's own hooks and ``hooks``."""
+        return self(pixel_values, condition="image", hooks=hooks).conditional_embeddings[:, 0]
 
     # ------------------------------------------------------------------ inference
     def probabilities(self, logits: Tensor) -> Tensor:
         """Sigmoid of one-channel logits, softmax over the ``K + 1`` classes otherwise."""
         return torch.sigmoid(logits) if self.num_outputs == 1 else torch.softmax(logits, dim=1)
 
-    def _predict_probs(self, pixel_values: Tensor, prompts: Any = None) -> Tensor:
-        return self.probabilities(self(pixel_values, condition="image").logits.float())
+    def _predict_probs(
+        self, pixel_values: Tensor, prompts: Any = None, hooks: Sequence[TowerHook] = ()
+    ) -> Tensor:
+        logits = self(pixel_values, condition="image", hooks=hooks).logits
+        return self.probabilities(logits.float())
 
     @torch.no_grad()
     def predict(
@@ -623,6 +671,7 @@ class CoTexNet(VLSM):
         *,
         batch_size: int = 8,
         progress: bool | None = False,
+        hooks: Sequence[TowerHook] = (),
     ) -> Tensor | list[Tensor]:
         """Text-free probabilities at each image's original size (eq. 12): no prompt, no mask.
 
@@ -631,6 +680,7 @@ class CoTexNet(VLSM):
             prompts: must be None; CoTexNet predicts from the image alone.
             batch_size: images per forward pass.
             progress: a progress bar over the images (None: only when stderr is a terminal).
+            hooks: hooks to run besides the model's own (a :class:`~vlsegkit.TunedModel`'s).
 
         Returns:
             ``(1, H, W)`` foreground probabilities (binary) or ``(K + 1, H, W)`` class
@@ -645,7 +695,7 @@ class CoTexNet(VLSM):
         out: list[Tensor] = []
         with eval_mode(self):
             for _, pixels, sizes in self.image_chunks(items, batch_size, progress=progress):
-                probs = self._predict_probs(pixels)
+                probs = self._predict_probs(pixels, hooks=hooks)
                 for p, size in zip(probs, sizes):
                     up = F.interpolate(p[None], size=size, mode="bilinear", align_corners=False)
                     out.append(up[0].cpu())

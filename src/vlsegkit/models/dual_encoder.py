@@ -205,7 +205,6 @@ class DualEncoder(LazyTokenizer, VLSM):
         if freeze_backbone:
             self.freeze_backbone()
         self.hooks = self._bind_hooks(hooks)
-        _check_independent(self.hooks)
 
     # ------------------------------------------------------------------ parts
     def hook_slots(self) -> HookSlots:
@@ -218,6 +217,11 @@ class DualEncoder(LazyTokenizer, VLSM):
             tokenizer=self._maybe_tokenizer(),
             lockstep=False,
         )
+
+    def check_hooks(self, hooks: Sequence[TowerHook], *, frozen: bool = False) -> None:
+        """Refuse hooks that condition texts on images (CoCoOp, PVL adapters), owned or attached:
+        a dual encoder embeds images and texts independently."""
+        _check_independent(hooks)
 
     def default_task(self) -> Task:
         """MedCLIP-SAMv2's fine-tuning: :class:`~vlsegkit.contrastive.ContrastiveTask` with
@@ -385,6 +389,7 @@ class DualEncoder(LazyTokenizer, VLSM):
         texts: str | Sequence[str],
         *,
         batch_size: int = 8,
+        hooks: Sequence[TowerHook] = (),
     ) -> Tensor:
         """Zero-shot classification: the softmax over ``texts`` of each image's logits.
 
@@ -393,6 +398,7 @@ class DualEncoder(LazyTokenizer, VLSM):
                 size; resized to ``image_size`` and normalised.
             texts: T class descriptions, shared by every image.
             batch_size: images per forward pass.
+            hooks: hooks to run besides the model's own (a :class:`~vlsegkit.TunedModel`'s).
 
         Returns:
             ``(T,)`` probabilities for a single image, ``(N, T)`` for a list of N images. The
@@ -401,9 +407,9 @@ class DualEncoder(LazyTokenizer, VLSM):
         single, items = _as_image_list(images)
         out = []
         with eval_mode(self):
-            text_embeds = self.encode_text(texts)
+            text_embeds = self.encode_text(texts, hooks=hooks)
             for _, pixels, _ in self.image_chunks(items, batch_size):
-                logits = self.similarity(self.encode_image(pixels), text_embeds)
+                logits = self.similarity(self.encode_image(pixels, hooks=hooks), text_embeds)
                 out.append(logits.softmax(dim=-1).cpu())
         probs = torch.cat(out)
         return probs[0] if single else probs

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,13 +43,39 @@ from ..hub import (
 )
 from ..layers.upsampler import LearnableUpsampler
 from ..registry import hook_from_config
-from .base import VLSM
-from .capabilities import SupportsDecoderFeatures, SupportsHooks
+from .base import VLSM, eval_mode
+from .capabilities import (
+    SupportsDecoderFeatures,
+    SupportsHooks,
+    SupportsRetrieval,
+    SupportsTextFree,
+)
 from .outputs import SegmentationOutput
 
 __all__ = ["TunedModel", "base_fingerprint", "load_tuned"]
 
 _BASE_PREFIX = "base."
+
+
+def _floating_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype of all of ``model``'s floating parameters, or None (none, or mixed)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _weights_sha256(model: nn.Module, dtype: torch.dtype | None = None) -> str:
+    """SHA-256 of the name, shape, dtype and raw bytes of every state-dict tensor, with floating
+    tensors cast to ``dtype`` first when it is given."""
+    state = model.state_dict()
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu")
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        t = t.contiguous().reshape(-1)
+        digest.update(f"{name}:{tuple(state[name].shape)}:{t.dtype};".encode())
+        digest.update(t.view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def base_fingerprint(model: VLSM) -> dict[str, Any]:
@@ -58,33 +85,57 @@ def base_fingerprint(model: VLSM) -> dict[str, Any]:
         model: the base VLSM.
 
     Returns:
-        ``{"model_type", "config_sha256", "weights_sha256", "num_parameters"}``. The config hash
-        ignores trainability switches (keys starting with ``freeze``); the weights hash covers the
-        name, shape, dtype and raw bytes of every state-dict tensor (about 0.4 s for the 150M
-        parameters of CLIPSeg ViT-B/16 on one CPU core).
+        ``{"model_type", "config_sha256", "weights_sha256", "num_parameters", "dtype"}``. The
+        config hash ignores trainability switches (keys starting with ``freeze``); the weights
+        hash covers the name, shape, dtype and raw bytes of every state-dict tensor (about 0.4 s
+        for the 150M parameters of CLIPSeg ViT-B/16 on one CPU core). ``dtype`` (the parameters'
+        floating dtype, or None when mixed) is informative: it lets a failed check say when the
+        weights differ only by their dtype.
     """
     config = {k: v for k, v in model.config.items() if not k.startswith("freeze")}
     config_text = json.dumps(
         {"model_type": model.model_type, "config": config}, sort_keys=True, default=list
     )
-    state = model.state_dict()
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}:{tuple(state[name].shape)}:{t.dtype};".encode())
-        digest.update(t.view(torch.uint8).numpy())
+    dtype = _floating_dtype(model)
     return {
         "model_type": model.model_type,
         "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
-        "weights_sha256": digest.hexdigest(),
+        "weights_sha256": _weights_sha256(model),
         "num_parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
     }
+
+
+def _dtype_only_difference(base: VLSM, expected: dict[str, Any]) -> str | None:
+    """The dtype the base matches the expected weights hash in, when it does in another floating
+    dtype than its own (None otherwise). Tried: the recorded ``dtype``; for fingerprints written
+    before it was recorded, the usual training dtypes."""
+    own = _floating_dtype(base)
+    recorded = expected.get("dtype")
+    names = [recorded] if isinstance(recorded, str) else ["float32", "bfloat16", "float16"]
+    for name in names:
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype == own:
+            continue
+        if _weights_sha256(base, dtype) == expected.get("weights_sha256"):
+            return name
+    return None
 
 
 def _check_fingerprint(base: VLSM, expected: dict[str, Any], source: str) -> None:
     found = base_fingerprint(base)
     keys = ("model_type", "config_sha256", "weights_sha256", "num_parameters")
     wrong = [k for k in keys if found[k] != expected.get(k)]
+    if wrong == ["weights_sha256"]:
+        trained = _dtype_only_difference(base, expected)
+        if trained is not None:
+            raise CheckpointError(
+                f"the prompt learner in {source} was trained on this base model's weights in "
+                f"{trained}, but the base given is {found['dtype'] or 'of mixed dtypes'}: its "
+                f"weights cast to {trained} match, so the difference is (or may be only) the dtype. "
+                f"Load the base in {trained} (e.g. base.to(torch.{trained})), then cast the tuned "
+                f"model: TunedModel.from_pretrained(..., base=base).to(torch.<dtype>)"
+            )
     if wrong:
         details = "; ".join(f"{k}: expected {expected.get(k)!r}, found {found[k]!r}" for k in wrong)
         raise CheckpointError(
@@ -94,12 +145,21 @@ def _check_fingerprint(base: VLSM, expected: dict[str, Any], source: str) -> Non
         )
 
 
-def _resolve_base(reference: dict[str, Any], **hub_kwargs: Any) -> VLSM:
+_NO_BASE_SOURCE = (
+    "does not record where its base model comes from (the base was built in code, e.g. with "
+    "create_model, not loaded with VLSM.from_pretrained)"
+)
+
+
+def _resolve_base(reference: dict[str, Any], source: Any = None, **hub_kwargs: Any) -> VLSM:
     path = reference.get("name_or_path")
     if not path:
+        where = "this tuned model" if source is None else f"the tuned model {str(source)!r}"
         raise CheckpointError(
-            "this tuned model does not record where its base model comes from (the base was not "
-            "loaded with VLSM.from_pretrained); pass base= explicitly"
+            f"{where} {_NO_BASE_SOURCE}: build that base again and load it with "
+            f"vlsegkit.TunedModel.from_pretrained({'path' if source is None else repr(str(source))}"
+            ", base=<the base model>) (VLSM.from_pretrained cannot take base=; the base's "
+            "fingerprint is checked)"
         )
     try:
         return VLSM.from_pretrained(path, revision=reference.get("revision"), **hub_kwargs)
@@ -170,15 +230,23 @@ class TunedModel(VLSM):
         slots = base.hook_slots()
         for hook in built:
             slots.require(hook)  # a clear error for a tower the base cannot offer hooks
+        bound = [h.bind(slots) for h in built]
+        # the base's own rules for hooks, as when it is built with them (refused here, at attach
+        # time, rather than at the first forward inside fit); frozen: nothing of the base trains
+        base.check_hooks(bound, frozen=True)
         base.requires_grad_(False)
         self.base = base
-        self.hooks = nn.ModuleList(h.bind(slots) for h in built)
+        self.hooks = nn.ModuleList(bound)
         self.upsampler = self._make_upsampler(base, upsampler)
         first = next(base.parameters(), None)
         if first is not None:
-            self.hooks.to(first.device)
+            # the hooks and upsampler compute with the base's tensors: the base's device and, when
+            # its weights share one floating dtype, that dtype (float32 hooks on a float64 base
+            # would mix precisions or fail in a matmul)
+            dtype = _floating_dtype(base)
+            self.hooks.to(device=first.device, dtype=dtype)
             if self.upsampler is not None:
-                self.upsampler.to(first.device)
+                self.upsampler.to(device=first.device, dtype=dtype)
         self.image_size, self.image_mean, self.image_std = (
             base.image_size,
             base.image_mean,
@@ -191,9 +259,15 @@ class TunedModel(VLSM):
         self.base.eval()
         from ..uncertainty import SupportsMonteCarlo
 
-        if isinstance(base, SupportsMonteCarlo) and self.upsampler is None:
-            # a stochastic base: the tuned model offers Monte Carlo inference too
-            self.__class__ = _StochasticTunedModel
+        # the tuned model keeps the base's inference API, run with the hooks (without an
+        # upsampler: these methods delegate to the base's, which know nothing of one)
+        if self.upsampler is None:
+            if isinstance(base, SupportsMonteCarlo):
+                self.__class__ = _StochasticTunedModel
+            elif isinstance(base, SupportsTextFree):
+                self.__class__ = _TextFreeTunedModel
+            elif isinstance(base, SupportsRetrieval):
+                self.__class__ = _RetrievalTunedModel
 
     @staticmethod
     def _make_upsampler(base: VLSM, upsampler) -> LearnableUpsampler | None:
@@ -309,6 +383,23 @@ class TunedModel(VLSM):
         return dataclasses.replace(out, logits=logits)
 
     # ------------------------------------------------------------------ Hub I/O
+    def save_pretrained(self, save_directory: str | os.PathLike):
+        """Write the hooks' (and upsampler's) weights and ``config.json`` with the base reference.
+
+        Warns when the base records no source (built in code, not loaded with
+        ``VLSM.from_pretrained``): the folder then loads only with
+        ``TunedModel.from_pretrained(folder, base=...)``.
+        """
+        if not self.base.name_or_path:
+            warnings.warn(
+                f"the base model {_NO_BASE_SOURCE}: the saved folder will load only with "
+                f"vlsegkit.TunedModel.from_pretrained({str(save_directory)!r}, base=<the base "
+                "model>). Save the base (base.save_pretrained) and load it with "
+                "VLSM.from_pretrained before attaching, to record it",
+                stacklevel=2,
+            )
+        return super().save_pretrained(save_directory)
+
     @classmethod
     def from_pretrained(
         cls,
@@ -356,7 +447,7 @@ class TunedModel(VLSM):
             raise CheckpointError(f"{config_path} has no 'hooks' list")
         revision = hub_kwargs.pop("revision", None)
         if base is None:
-            base = _resolve_base(reference, **hub_kwargs)
+            base = _resolve_base(reference, id_or_path, **hub_kwargs)
         _check_fingerprint(base, reference.get("fingerprint", {}), str(config_path))
         try:
             model = cls(base, hooks, upsampler=config.get("upsampler"))
@@ -397,6 +488,75 @@ class _StochasticTunedModel(TunedModel):
     def predict(self, images: Any, prompts: Any, *, samples: int = 30, **kwargs: Any):
         """Mean Monte Carlo probability per image at its original size."""
         return self.predict_with_uncertainty(images, prompts, samples, **kwargs).mean
+
+
+class _TextFreeTunedModel(TunedModel):
+    """A :class:`TunedModel` over a text-free base (CoTexNet): ``predict(images)`` and
+    ``image_condition`` from the image alone, with the hooks
+    (:class:`~vlsegkit.models.capabilities.SupportsTextFree`)."""
+
+    def image_condition(self, pixel_values: Tensor) -> Tensor:
+        """The base's text-free conditioning vectors ``(B, E)``, with the hooks."""
+        return self.base.image_condition(pixel_values, hooks=list(self.hooks))
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: Any,
+        prompts: Any = None,
+        *,
+        batch_size: int = 8,
+        progress: bool | None = False,
+    ) -> Tensor | list[Tensor]:
+        """The base's text-free ``predict`` with the hooks (in eval mode): probabilities
+        ``(C, H, W)`` at each image's original size, from the images alone (``prompts`` must be
+        None)."""
+        with eval_mode(self):
+            return self.base.predict(
+                images, prompts, batch_size=batch_size, progress=progress, hooks=list(self.hooks)
+            )
+
+
+class _RetrievalTunedModel(TunedModel):
+    """A :class:`TunedModel` over a dual encoder: the base's embeddings, similarity and zero-shot
+    ``predict``, with the hooks (:class:`~vlsegkit.models.capabilities.SupportsRetrieval`)."""
+
+    @property
+    def embed_dim(self) -> int:
+        """Width ``E`` of the joint embedding space."""
+        return self.base.embed_dim
+
+    def encode_image(self, pixel_values: Tensor, *, hooks: Sequence[TowerHook] = ()) -> Tensor:
+        """Image embeddings ``(B, E)`` of the base run with the tuned hooks (and ``hooks``)."""
+        return self.base.encode_image(pixel_values, hooks=[*self.hooks, *hooks])
+
+    def encode_text(
+        self,
+        texts: str | Sequence[str] | None = None,
+        *,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        hooks: Sequence[TowerHook] = (),
+    ) -> Tensor:
+        """Text embeddings ``(T, E)`` of T strings or token ids ``(T, L)``, by the base run with
+        the tuned hooks (and ``hooks``)."""
+        return self.base.encode_text(
+            texts,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            hooks=[*self.hooks, *hooks],
+        )
+
+    def similarity(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
+        """The base's ``(B, T)`` similarity logits."""
+        return self.base.similarity(image_embeds, text_embeds)
+
+    @torch.no_grad()
+    def predict(self, images: Any, texts: str | Sequence[str], *, batch_size: int = 8) -> Tensor:
+        """The base's zero-shot classification with the hooks (in eval mode): the softmax over
+        ``texts`` of each image's logits, ``(T,)`` for one image, ``(N, T)`` for N images."""
+        with eval_mode(self):
+            return self.base.predict(images, texts, batch_size=batch_size, hooks=list(self.hooks))
 
 
 def load_tuned(id_or_path: str | os.PathLike, **kwargs: Any) -> TunedModel:

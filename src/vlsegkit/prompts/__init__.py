@@ -18,7 +18,8 @@ Example:
     >>> from vlsegkit.prompts import MaPLe
     >>> base = VLSM.from_pretrained("CIDAS/clipseg-rd64")
     >>> tuned = MaPLe(depth=9).attach(base)
-    >>> tuned(pixel_values, ["polyp", "tumor"]).logits.shape      # (B, 2, H, W)
+    >>> classes = ["polyp", "tumor"]                          # one list per image: C = 2
+    >>> tuned(pixel_values, [classes] * len(pixel_values)).logits.shape   # (B, 2, H, W)
 """
 
 from ..layers.upsampler import LearnableUpsampler

@@ -26,6 +26,7 @@ fresh prompts for every kept block below depth J (``"released"``).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -282,7 +283,30 @@ class ContextLearner(TowerHook):
                 token_embedding = _token_embedding(text_tower)
             self.initialize_from_phrase_ids(ids, token_embedding)
         self._maybe_build()
+        if slots is not None:
+            self._warn_unused_depths(slots)
         return self
+
+    def _warn_unused_depths(self, slots: HookSlots) -> None:
+        """Warn when deep prompts go to blocks the model never runs (they would get no gradient).
+
+        The depth is checked against the tower's blocks at construction; a model may run fewer
+        (CLIPSeg stops its vision tower after the deepest block its decoder reads). Released
+        configurations use such depths, so this warns instead of raising.
+        """
+        for tower in self.towers:
+            if tower not in slots.towers:
+                continue
+            run = slots.depth(tower)
+            unused = sorted(i for i in self.layers(tower) if i >= run)
+            if unused:
+                warnings.warn(
+                    f"{type(self).__name__}(depth={self.depth}) prompts {tower} blocks up to "
+                    f"{unused[-1]}, but this model runs only blocks 0..{run - 1} of its {tower} "
+                    f"tower: the prompts for blocks {unused} are never used and get no gradient "
+                    f"(a smaller depth gives the same model with fewer parameters)",
+                    stacklevel=3,
+                )
 
     def initialize_from_phrase_ids(self, ids: Sequence[int], token_embedding: nn.Embedding) -> None:
         """Set the first tokens of ``P_0`` to the token embeddings of ``ids`` (CoOp init).

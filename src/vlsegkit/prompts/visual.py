@@ -29,7 +29,7 @@ class VPT(ContextLearner):
     Args:
         num_context: ``B`` prompt tokens per depth (TuneVLSeg: 4).
         depth: ``J``, ``1 <= J <= vision_layers`` (CLIPSeg runs its vision tower only up to the
-            deepest extracted block, so deeper prompts there have no effect).
+            deepest extracted block, so deeper prompts there have no effect; binding warns).
         init_std: std of the Gaussian initialisation.
         decoder_sees_prompts: what the decoder reads in the prompt slots of kept blocks: removed
             (False, default), the blocks' outputs (True), or the released CLIPSeg code's behaviour
