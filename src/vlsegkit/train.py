@@ -284,12 +284,11 @@ def _num_batches(loader: Iterable) -> int | None:
         return None
 
 
-def _group_size(index: int, grad_accum_steps: int, num_batches: int | None) -> int:
-    """How many batches share the optimiser step that batch ``index`` belongs to."""
-    if num_batches is None:
-        return grad_accum_steps
-    group_start = index - index % grad_accum_steps
-    return min(grad_accum_steps, num_batches - group_start)
+def _groups(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    """Consecutive lists of ``size`` items (the last one may be shorter)."""
+    iterator = iter(items)
+    while group := list(itertools.islice(iterator, size)):
+        yield group
 
 
 def _reduce_means(values: Mapping[str, float], count: int, env: DistEnv) -> tuple[dict, int]:
@@ -902,9 +901,12 @@ def fit(
     """Train ``model`` on ``train_loader`` with its task, validating after every epoch.
 
     Each step: ``terms = task.training_step(model, batch)`` (under autocast when asked), backward of
-    ``terms["loss"]`` and an optimiser step every ``grad_accum_steps`` batches (each batch loss is
-    divided by the number of batches in its group, so ``k`` batches of ``b`` give the update of one
-    batch of ``k·b`` with a mean-reduced loss). Every named term is averaged per epoch and logged.
+    ``terms["loss"]`` and an optimiser step every ``grad_accum_steps`` batches (the epoch's last
+    group may have fewer). The batches of a group are read before its first backward, and each
+    batch loss is weighted by its share ``n_batch / n_group`` of the group's samples
+    (``task.batch_size``, summed over processes), so ``k`` batches give the update of one batch of
+    all their samples with a mean-reduced loss, also when the last batch is short. Every named term
+    is averaged per epoch and logged.
 
     Under ``torchrun --nproc_per_node N`` the same call trains with DDP: each process reads ``1/N`` of
     every epoch, gradients are averaged over processes, terms and metrics are reduced over them, and
@@ -1058,7 +1060,6 @@ def _train_epochs(
         net.train()
         task.train()
         optimizer.zero_grad(set_to_none=True)
-        pending = 0  # batches whose gradients are accumulated but not yet applied
         bar = tqdm(
             data.epoch(epoch, skip),
             total=num_batches,
@@ -1066,38 +1067,42 @@ def _train_epochs(
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             disable=_no_bar(cfg.progress, env),
         )
-        for index, batch in enumerate(bar, start=skip):
-            batch = move_to_device(batch, device)
-            closes_group = pending + 1 == cfg.grad_accum_steps or index + 1 == num_batches
-            with _no_sync(net, not closes_group and num_batches is not None):
-                with _autocast(device, cfg.autocast_dtype):
-                    terms = task.training_step(net, batch)
-                loss = _checked_loss(terms, epoch, index)
-                values = {k: float(v.detach()) for k, v in terms.items()}
-                values, count = _reduce_means(values, task.batch_size(batch), env)
-                if not math.isfinite(values["loss"]):
-                    raise FloatingPointError(
-                        f"the loss is {values['loss']} at epoch {epoch}, batch {index}"
-                    )
-                group = _group_size(index, cfg.grad_accum_steps, num_batches)
-                scaler.scale(loss / group).backward()
-            for name, value in values.items():
-                run.running.update(name, value, n=count)
-                step_terms.update(name, value, n=count)
-            pending += 1
-            bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()})
-            if closes_group:
-                pending, run.batch = 0, index + 1
-                take_step(epoch)
-                # (At the end of an epoch the epoch-level checkpoint follows right after.)
-                ends_epoch = index + 1 == num_batches
-                every = cfg.checkpoint_every
-                if every and history.steps % every == 0 and not ends_epoch:
-                    _save(checkpoint_dir, "last", model, run, env)
-                if done():
-                    break
-        if pending:  # a loader without len() ended mid-group
+        # One optimiser step per group of grad_accum_steps batches (the epoch's last group may be
+        # shorter). The group is read before its first backward so that each batch's loss can be
+        # weighted by its share of the group's samples (over all processes): the accumulated
+        # gradient is then that of one batch of all the group's samples with a mean-reduced loss.
+        for group in _groups(enumerate(bar, start=skip), cfg.grad_accum_steps):
+            sizes = [task.batch_size(batch) for _, batch in group]
+            total = _distributed.all_reduce_sum([sum(sizes)])[0]
+            for position, ((index, batch), size) in enumerate(zip(group, sizes)):
+                batch = move_to_device(batch, device)
+                with _no_sync(net, position + 1 < len(group)):
+                    with _autocast(device, cfg.autocast_dtype):
+                        terms = task.training_step(net, batch)
+                    loss = _checked_loss(terms, epoch, index)
+                    values = {k: float(v.detach()) for k, v in terms.items()}
+                    values, count = _reduce_means(values, size, env)
+                    if not math.isfinite(values["loss"]):
+                        raise FloatingPointError(
+                            f"the loss is {values['loss']} at epoch {epoch}, batch {index}"
+                        )
+                    # DDP averages gradients over processes, hence the world_size factor.
+                    weight = size * env.world_size / total if total else 0.0
+                    scaler.scale(loss * weight).backward()
+                for name, value in values.items():
+                    run.running.update(name, value, n=count)
+                    step_terms.update(name, value, n=count)
+                bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()})
+            index = group[-1][0]
+            run.batch = index + 1
             take_step(epoch)
+            # (At the end of an epoch the epoch-level checkpoint follows right after.)
+            ends_epoch = index + 1 == num_batches
+            every = cfg.checkpoint_every
+            if every and history.steps % every == 0 and not ends_epoch:
+                _save(checkpoint_dir, "last", model, run, env)
+            if done():
+                break
         bar.close()
         means = run.running.compute()
         if not means:
