@@ -14,7 +14,8 @@ every process reads its own shard of the data, loss terms and metrics are reduce
 only rank 0 logs and writes files.
 
 Runs are resumable mid-epoch: the data order of every epoch is a seeded permutation
-(``vlsegkit._distributed.ResumableSampler``), and a checkpoint holds the model, optimiser,
+(``vlsegkit._distributed.ResumableSampler``), DataLoader workers seed their random generators per
+item from that seed, the epoch and the item, and a checkpoint holds the model, optimiser,
 scheduler, gradient scaler, Python/numpy/torch RNG states, the position in the data and the
 history. A resumed run ends with the same weights as an uninterrupted one.
 """
@@ -40,11 +41,14 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 from torch.utils.data import (
+    ConcatDataset,
     DataLoader,
     Dataset,
     IterableDataset,
     RandomSampler,
+    Sampler,
     SequentialSampler,
+    Subset,
 )
 from tqdm.auto import tqdm
 
@@ -319,12 +323,14 @@ def _rebuildable(loader: Any) -> bool:
     )
 
 
-def _remake(loader: DataLoader, sampler: Any, generator: torch.Generator | None) -> DataLoader:
+def _remake(
+    loader: DataLoader, sampler: Any, generator: torch.Generator | None, dataset: Any = None
+) -> DataLoader:
     extra = {"pin_memory_device": loader.pin_memory_device} if loader.pin_memory_device else {}
     if hasattr(loader, "in_order"):  # torch >= 2.6
         extra["in_order"] = loader.in_order
     return DataLoader(
-        loader.dataset,
+        loader.dataset if dataset is None else dataset,
         batch_size=loader.batch_size,
         sampler=sampler,
         num_workers=loader.num_workers,
@@ -345,14 +351,75 @@ def _draw_seed(generator: torch.Generator | None) -> int:
     return int(torch.randint(2**62, (), generator=generator).item())
 
 
+def _set_epoch(dataset: Any, epoch: int) -> None:
+    """Call ``dataset.set_epoch(epoch)`` if it has one, also through ``Subset`` / ``ConcatDataset``
+    (``ImageMaskPromptDataset(seed=...)`` draws new prompts and augmentations per epoch)."""
+    set_epoch = getattr(dataset, "set_epoch", None)
+    if callable(set_epoch):
+        set_epoch(epoch)
+    elif isinstance(dataset, Subset):
+        _set_epoch(dataset.dataset, epoch)
+    elif isinstance(dataset, ConcatDataset):
+        for part in dataset.datasets:
+            _set_epoch(part, epoch)
+
+
+class _SeededItems(Dataset):
+    """A map-style dataset read by DataLoader worker processes through ``_KeyedSampler`` keys.
+
+    Key ``(index, epoch, seed)`` seeds the worker's Python, numpy and torch generators with ``seed``
+    (a function of fit's data seed, the epoch and ``index``) and returns ``dataset[index]``, so every
+    random draw of an item (augmentations, ``prompt_key="random"``) is the same whichever worker
+    reads it and however many batches that worker read before: a resumed epoch, whose first batch
+    goes to worker 0, recreates the uninterrupted run's items. It also brings the worker's copy of
+    the dataset to ``epoch`` (``set_epoch``), which persistent workers would otherwise miss.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.epoch: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int, int]) -> Any:
+        index, epoch, seed = key
+        if epoch != self.epoch:
+            _set_epoch(self.dataset, epoch)
+            self.epoch = epoch
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        return self.dataset[index]
+
+
+class _KeyedSampler(Sampler):
+    """``ResumableSampler``'s indices as ``(index, epoch, item seed)`` keys for ``_SeededItems``."""
+
+    def __init__(self, sampler: ResumableSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self):
+        epoch, seed = self.sampler.epoch, self.sampler.seed
+        for index in self.sampler:
+            yield index, epoch, _distributed.mix_seed(seed, epoch, index, 2)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 class _TrainData:
     """The training batches of every epoch, in a reproducible, shardable, resumable order.
 
     Map-style datasets and plain ``DataLoader``s (sequential or shuffled) get a
     ``ResumableSampler``: the same batches whatever the process count, and a mid-epoch start that
-    skips batches without loading them. Anything else (custom samplers, iterable datasets, lists
-    of batches) is used as given: ``set_epoch`` is called on its sampler if it has one, and resuming
-    skips batches by iterating over them, which is exact only if that iterable is deterministic.
+    skips batches without loading them. With worker processes, each item is read with the workers'
+    random generators seeded from ``(data seed, epoch, index)`` (``_SeededItems``), so resuming is
+    exact for datasets that draw from the global generators too. Anything else (custom samplers,
+    iterable datasets, lists of batches) is used as given: ``set_epoch`` is called on its sampler if
+    it has one, and resuming skips batches by iterating over them, which is exact only if that
+    iterable is deterministic. Every epoch starts with ``set_epoch(epoch)`` on the dataset, if it
+    has that method.
     """
 
     def __init__(
@@ -366,6 +433,7 @@ class _TrainData:
         env: DistEnv,
     ) -> None:
         self.sampler: ResumableSampler | None = None
+        self.dataset = source if isinstance(source, Dataset) else getattr(source, "dataset", None)
         if isinstance(source, Dataset) and not isinstance(source, IterableDataset):
             loader = DataLoader(
                 source, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_prompts
@@ -395,8 +463,14 @@ class _TrainData:
                 world_size=env.world_size,
             )
             # An own generator keeps the workers' base seed off the global RNG and reproducible.
-            self.loader = _remake(loader, self.sampler, torch.Generator())
+            if loader.num_workers > 0:
+                keyed, items = _KeyedSampler(self.sampler), _SeededItems(loader.dataset)
+                self.loader = _remake(loader, keyed, torch.Generator(), dataset=items)
+            else:
+                self.loader = _remake(loader, self.sampler, torch.Generator())
         self.num_batches = _num_batches(self.loader)
+        self.batch_size = getattr(self.loader, "batch_size", None)
+        self.shuffle = None if self.sampler is None else self.sampler.shuffle
 
     @property
     def seed(self) -> int | None:
@@ -409,6 +483,7 @@ class _TrainData:
 
     def epoch(self, epoch: int, skip: int) -> Iterable[dict[str, Any]]:
         """The batches of ``epoch`` after its first ``skip``."""
+        _set_epoch(self.dataset, epoch)
         if self.sampler is not None:
             self.sampler.set_position(epoch, skip * self.loader.batch_size)
             # Seeds the workers' base seed, which DataLoader draws from this generator every epoch.
@@ -747,7 +822,11 @@ class FitConfig:
     Data:
         batch_size: per-process batch size when a loader is a ``Dataset``.
         shuffle: shuffle a training ``Dataset`` every epoch.
-        num_workers: ``DataLoader`` workers for a training ``Dataset``.
+        num_workers: ``DataLoader`` workers for a training ``Dataset``. In workers (also those of
+            a given plain ``DataLoader``), the Python, numpy and torch generators are seeded before
+            each item from the data seed, the epoch and the item's index, so random draws of
+            augmentations or prompts are reproducible and a resumed run equals an uninterrupted
+            one whatever worker reads an item.
         seed: seed Python, numpy and torch (``seed_everything``) and the data order at the start;
             None keeps the current global RNG state and draws the data order from it.
 
@@ -906,7 +985,9 @@ def fit(
     batch loss is weighted by its share ``n_batch / n_group`` of the group's samples
     (``task.batch_size``, summed over processes), so ``k`` batches give the update of one batch of
     all their samples with a mean-reduced loss, also when the last batch is short. Every named term
-    is averaged per epoch and logged.
+    is averaged per epoch and logged. Each epoch starts with ``set_epoch(epoch)`` on the training
+    dataset (through ``Subset`` / ``ConcatDataset``) and on a given loader's sampler, if they have
+    that method, so e.g. ``ImageMaskPromptDataset(seed=...)`` draws new prompts every epoch.
 
     Under ``torchrun --nproc_per_node N`` the same call trains with DDP: each process reads ``1/N`` of
     every epoch, gradients are averaged over processes, terms and metrics are reduced over them, and
