@@ -16,8 +16,9 @@ only rank 0 logs and writes files.
 Runs are resumable mid-epoch: the data order of every epoch is a seeded permutation
 (``vlsegkit._distributed.ResumableSampler``), DataLoader workers seed their random generators per
 item from that seed, the epoch and the item, and a checkpoint holds the model, optimiser,
-scheduler, gradient scaler, Python/numpy/torch RNG states, the position in the data and the
-history. A resumed run ends with the same weights as an uninterrupted one.
+scheduler, gradient scaler, Python/numpy/torch RNG states, the position in the data, the
+history and the options that these states fix (a resume with other values is refused). A resumed
+run ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ __all__ = [
     "EarlyStopping",
     "FitConfig",
     "History",
+    "ResumeMismatchError",
     "evaluate",
     "find_checkpoint",
     "fit",
@@ -621,9 +623,11 @@ class _Run:
     batch: int = 0  # batches of ``epoch`` already trained on
     grad_accum_steps: int = 1
     world_size: int = 1
+    options: dict[str, Any] = field(default_factory=dict)  # _resume_options of this run
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "options": dict(self.options),
             "progress": {"epoch": self.epoch, "batch": self.batch, "steps": self.history.steps},
             "layout": {
                 "num_batches": self.data.num_batches,
@@ -666,6 +670,136 @@ class _Run:
         self.history.load_state_dict(state["history"])
         self.running.sums.update(state["running"]["sums"])
         self.running.counts.update(state["running"]["counts"])
+
+
+class ResumeMismatchError(CheckpointError):
+    """``fit(resume=...)`` was given options that the checkpoint's saved state would override.
+
+    Attributes:
+        source: the checkpoint.
+        changes: ``{option: (value in the checkpoint's run, value given now)}``.
+    """
+
+    def __init__(self, source: Any, changes: dict[str, tuple[Any, Any]], message: str) -> None:
+        super().__init__(message)
+        self.source, self.changes = source, changes
+
+
+_MISSING = object()
+#: why a resumed run cannot take another value of an option
+_FIXED_BY = {
+    "lr": "the saved optimiser state holds the learning rate",
+    "weight_decay": "the saved optimiser state holds it",
+    "optimizer": "the saved optimiser state replaces its hyperparameters",
+    "scheduler": "the saved scheduler state belongs to this schedule",
+    "scheduler_interval": "the saved scheduler state counts these intervals",
+    "warmup_steps": "the saved scheduler state holds the schedule",
+    "min_lr_ratio": "the saved scheduler state holds the schedule",
+    "schedule_steps": (
+        "the length of the 'cosine' schedule (optimiser steps over all epochs, from epochs, "
+        "max_steps, the batches per epoch and grad_accum_steps); the saved scheduler state holds it"
+    ),
+    "batch_size": "the saved data position and step count are in batches of this size",
+    "grad_accum_steps": "the saved step count and schedule are in steps of this many batches",
+    "shuffle": "the saved data order uses it",
+    "seed": "the saved data order and random states come from it",
+    "monitor": "the saved best value and schedule track this metric",
+}
+
+
+def _jsonish(value: Any) -> Any:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return [_jsonish(v) for v in value]
+    return value if isinstance(value, (bool, int, float, str, type(None))) else repr(value)
+
+
+def _resume_options(
+    cfg: FitConfig,
+    optimizer: torch.optim.Optimizer,
+    data: _TrainData,
+    *,
+    total_steps: int | None,
+    monitor: str,
+) -> dict[str, Any]:
+    """The options whose effect a checkpoint's saved state fixes: a resumed run must use the
+    checkpoint's values (call before fit builds its scheduler on ``optimizer``)."""
+    options: dict[str, Any] = {}
+    if cfg.optimizer is None:
+        options.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:  # its hyperparameters as given (a given scheduler may have set lr / initial_lr)
+        groups = [
+            {k: _jsonish(v) for k, v in sorted(g.items()) if k != "params"}
+            for g in optimizer.param_groups
+        ]
+        options["optimizer"] = {"class": type(optimizer).__qualname__, "param_groups": groups}
+    if cfg.scheduler is None or isinstance(cfg.scheduler, str):
+        options.update(scheduler=cfg.scheduler, warmup_steps=cfg.warmup_steps)
+        if cfg.scheduler == "cosine":
+            options.update(min_lr_ratio=cfg.min_lr_ratio, schedule_steps=total_steps)
+    else:  # a given torch scheduler: its own settings come from the checkpoint
+        options.update(
+            scheduler=type(cfg.scheduler).__qualname__, scheduler_interval=cfg.scheduler_interval
+        )
+    options.update(
+        batch_size=data.batch_size,
+        grad_accum_steps=cfg.grad_accum_steps,
+        shuffle=data.shuffle,
+        seed=cfg.seed,
+        monitor=monitor,
+    )
+    return options
+
+
+def _check_resume_options(state: dict[str, Any], options: dict[str, Any], source: Any) -> None:
+    """Refuse to resume with options that the checkpoint's state would silently override."""
+    saved = state.get("options")
+    if saved is None:
+        warnings.warn(
+            f"{source} was written by an older vlsegkit that did not store its options, so they "
+            "cannot be checked: the saved optimiser and scheduler states continue the run (its "
+            "learning rate and schedule), whatever lr, weight_decay, scheduler, warmup_steps, "
+            "min_lr_ratio, epochs or max_steps are given now",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    order = list(_FIXED_BY)
+    names = sorted(
+        set(saved) | set(options),
+        key=lambda n: (n not in order, order.index(n) if n in order else n),
+    )
+    changes = {
+        name: (saved.get(name, _MISSING), options.get(name, _MISSING))
+        for name in names
+        if saved.get(name, _MISSING) != options.get(name, _MISSING)
+    }
+    if not changes:
+        return
+
+    def show(value: Any) -> str:
+        return "(not set)" if value is _MISSING else repr(value)
+
+    lines = [
+        f"  {name}: {show(old)} in the checkpoint's run, {show(new)} now ({_FIXED_BY.get(name, 'the saved state depends on it')})"
+        for name, (old, new) in changes.items()
+    ]
+    extend = ""
+    if "schedule_steps" in changes:
+        extend = (
+            " To train a 'cosine' run longer, start a new run from its weights (e.g. "
+            "model.save_pretrained, then load them), or use scheduler=None or 'plateau', whose "
+            "runs can be extended by resuming with more epochs."
+        )
+    raise ResumeMismatchError(
+        source,
+        changes,
+        f"cannot resume from {source}: {len(changes)} option(s) differ from the run that wrote "
+        "the checkpoint, and its saved state would override them:\n" + "\n".join(lines) + "\n"
+        "Resume with the checkpoint's values, or start a new run (a new checkpoint_dir, or "
+        f"resume=False) to use the new ones.{extend}",
+    )
 
 
 def _save(
@@ -841,7 +975,19 @@ class FitConfig:
         checkpoint_every: also write ``last`` every this many optimiser steps within epochs.
         resume: True resumes from ``checkpoint_dir``'s last checkpoint if there is one (else starts
             afresh); a path resumes from that checkpoint. Everything is verified before anything is
-            loaded.
+            loaded. The checkpoint's optimiser, scheduler, data order and random states continue
+            the run, so the options they fix must be the checkpoint's: ``lr``, ``weight_decay``
+            (or a given ``optimizer``'s class and hyperparameters), ``scheduler`` (a given one's
+            class and ``scheduler_interval``), ``warmup_steps``, ``min_lr_ratio`` and, for
+            ``"cosine"``, the schedule's length in steps (from ``epochs``, ``max_steps``, the
+            batches per epoch and ``grad_accum_steps``), ``batch_size``, ``grad_accum_steps``,
+            ``shuffle``, ``seed`` and ``monitor``; otherwise :class:`ResumeMismatchError` lists
+            each changed option (start a new run to use new values). A run whose schedule does not
+            depend on its length (None, warmup only, ``"plateau"``) can be extended by resuming
+            with more ``epochs`` (or another ``max_steps``); other options (``max_grad_norm``,
+            early-stopping patience, logging, device, workers...) take their new values.
+            Checkpoints of older versions, which did not store these options, load with a
+            warning.
         log_dir: append per-step and per-epoch records as JSON lines to ``log_dir/metrics.jsonl``.
         tensorboard: also write the records as TensorBoard scalars to ``log_dir``.
         log_fn: called (rank 0) with every step record (``step``, ``epoch``, ``loss``, the task's
@@ -1013,6 +1159,8 @@ def fit(
         ValueError: a bad option (named in the message), or a training loader without batches.
         CheckpointError: the checkpoint to resume from is missing, incomplete, corrupt or does not
             fit this model / optimiser; nothing is loaded then.
+        ResumeMismatchError: (a ``CheckpointError``) options that the checkpoint fixes differ
+            from its run's (see ``FitConfig.resume``); nothing is loaded then.
         FloatingPointError: a non-finite training loss.
     """
     cfg = _fit_config(config, options)
@@ -1054,14 +1202,17 @@ def fit(
     if data.num_batches == 0:
         raise ValueError("train_loader has no batches: there is nothing to train on")
     val_data = None if val_loader is None else _eval_data(val_loader, cfg.batch_size, env)
-    num_batches = data.num_batches
+    total_steps = _total_steps(data.num_batches, cfg.grad_accum_steps, cfg.epochs, cfg.max_steps)
+    options = _resume_options(cfg, optimizer, data, total_steps=total_steps, monitor=monitor)
+    if state is not None:
+        _check_resume_options(state, options, resume_from)
     scheduler, per_epoch = _build_scheduler(
         cfg.scheduler,
         optimizer,
         warmup_steps=cfg.warmup_steps,
         min_lr_ratio=cfg.min_lr_ratio,
         interval=cfg.scheduler_interval,
-        total_steps=_total_steps(num_batches, cfg.grad_accum_steps, cfg.epochs, cfg.max_steps),
+        total_steps=total_steps,
         mode=monitor_mode,
     )
     # Loss scaling is only needed for fp16, whose small range underflows gradients.
@@ -1078,6 +1229,7 @@ def fit(
         history=history,
         grad_accum_steps=cfg.grad_accum_steps,
         world_size=env.world_size,
+        options=options,
     )
     if state is not None:
         _check_optimizer_state(optimizer, state, resume_from)
