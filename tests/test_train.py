@@ -440,6 +440,9 @@ def test_warmup_cosine_schedule_matches_reference(scheduler, warmup, max_steps, 
     assert lrs == pytest.approx(expected, rel=1e-12, abs=0)
     if scheduler == "cosine":
         assert lrs[-1] < 0.2 * 0.02  # decayed close to the floor of 0.1·lr
+        # ... but the floor would be reached one step after the last (FitConfig's docstring):
+        last = 0.02 * (0.1 + 0.9 * (1 - math.cos(math.pi / (total - warmup))) / 2)
+        assert lrs[-1] == pytest.approx(last, rel=1e-12) and lrs[-1] > 0.1 * 0.02
 
 
 class ConstantSeg(Oracle):

@@ -941,11 +941,19 @@ class FitConfig:
         weight_decay: AdamW weight decay, finite and ``>= 0``.
         optimizer: a ready optimiser; default AdamW over ``model.trainable_parameters()``.
         scheduler: ``"cosine"`` (per optimiser step: linear warmup over ``warmup_steps``, then cosine
-            decay to ``min_lr_ratio·lr`` at the last step), ``"plateau"`` (``ReduceLROnPlateau``,
-            stepped each epoch with ``monitor``), None (constant after the optional warmup), or a
-            torch scheduler built on ``optimizer`` (stepped every ``scheduler_interval``).
-        warmup_steps: optimiser steps of linear warmup: step ``t`` uses ``lr·(t+1)/(warmup_steps+1)``.
-        min_lr_ratio: final learning rate of ``"cosine"`` as a fraction of ``lr``.
+            decay towards ``min_lr_ratio·lr``), ``"plateau"`` (``ReduceLROnPlateau``, stepped each
+            epoch with ``monitor``), None (constant after the optional warmup), or a torch
+            scheduler built on ``optimizer`` (stepped every ``scheduler_interval``). With ``T``
+            optimiser steps in all (``epochs`` × steps per epoch, at most ``max_steps``),
+            ``w = warmup_steps`` and ``r = min_lr_ratio``, ``"cosine"``'s step ``t = 0 ... T-1``
+            uses ``lr·(r + (1-r)·(1 + cos(π·(t-w)/(T-w)))/2)`` for ``t >= w``: the decay would
+            reach ``r·lr`` at step ``T``, one step after the last, so the last step uses
+            ``lr·(r + (1-r)·(1 - cos(π/(T-w)))/2)``, slightly above ``r·lr`` (with ``r = 0`` no
+            step is wasted at learning rate 0; the convention of ``transformers``'
+            ``get_cosine_schedule_with_warmup``).
+        warmup_steps: optimiser steps of linear warmup: step ``t < warmup_steps`` uses
+            ``lr·(t+1)/(warmup_steps+1)``.
+        min_lr_ratio: floor of ``"cosine"`` as a fraction of ``lr`` (approached, see above).
         scheduler_interval: ``"step"`` or ``"epoch"``: when a given torch scheduler is stepped.
         grad_accum_steps: batches per optimiser step.
         max_grad_norm: clip the global gradient norm to this value (``> 0``) before each step.
