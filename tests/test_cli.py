@@ -49,6 +49,11 @@ def _val_loader(model, *, length: int = 8, seed: int = 10_000) -> DataLoader:
     return DataLoader(data, batch_size=32, collate_fn=collate_prompts)
 
 
+def _mkdir(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def _write_images(folder: Path) -> list[Path]:
     """Two synthetic lesion pictures of different, non-square sizes (PNG and JPEG)."""
     paths = []
@@ -141,6 +146,77 @@ def test_train_yaml_config_is_deterministic_and_resumable(tmp_path, capsys):
     seed_everything(0)
     init = create_model("clipseg-tiny", image_size=SIZE).state_dict()
     assert any(not torch.equal(init[k], straight[k]) for k in straight)
+
+
+def test_train_resume_refuses_options_the_checkpoint_fixes(tmp_path, capsys):
+    """--resume with another --lr, or more --epochs of a cosine schedule, would silently train
+    with the checkpoint's learning rate / schedule: refused (exit 2) naming the options, and
+    train_config.json keeps the values the run used."""
+    base = ["train", "clipseg-tiny", "--image-size", "32", "--train-size", "4", "--val-size", "0",
+            "--batch-size", "4", "--lr", "0.005", "--no-progress", "--out", str(tmp_path / "r")]  # fmt: skip
+    assert cli.main([*base, "--epochs", "1", "--scheduler", "cosine"]) == 0
+    config = (tmp_path / "r" / "train_config.json").read_text()
+    capsys.readouterr()
+    assert cli.main([*base, "--epochs", "3", "--scheduler", "cosine", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--epochs/--max-steps (the length of --scheduler cosine, in steps): 1 in the " in err
+    assert "run, 3 now" in err and "start a new run from its weights" in err
+    assert (
+        cli.main([*base, "--epochs", "1", "--scheduler", "cosine", "--lr", "0.05", "--resume"]) == 2
+    )
+    assert "--lr: 0.005 in the checkpoint's run, 0.05 now" in capsys.readouterr().err
+    assert (tmp_path / "r" / "train_config.json").read_text() == config
+    # The same options resume (a finished run stays finished).
+    assert cli.main([*base, "--epochs", "1", "--scheduler", "cosine", "--resume"]) == 0
+
+
+def test_train_plateau_with_warmup_exits_2_before_any_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "clipseg-tiny", "--scheduler", "plateau", "--warmup-steps", "2", "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert "--warmup-steps 2 needs --scheduler cosine or none" in captured.err
+    assert captured.out == "" and not out.exists()  # no model was built, nothing written
+
+
+def test_random_prompt_keys_train_anew_each_epoch_and_validate_on_one_draw(tmp_path):
+    """Datasets on disk are seeded by --seed: fit's set_epoch redraws training prompts each epoch,
+    while the validation items (--val-data: seed + 10000; --val-fraction: a copy) keep one draw."""
+    root = tmp_path / "data"
+    entries = []
+    for i in range(6):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(
+            _mkdir(root / "images") / f"{i}.png"
+        )
+        Image.fromarray(np.eye(8, dtype=np.uint8) * 255).save(_mkdir(root / "masks") / f"{i}.png")
+        prompts = {
+            "p0": "",
+            "p1": [f"a{i}{j}" for j in range(5)],
+            "p2": [f"b{i}{j}" for j in range(5)],
+        }
+        entries.append({"img_name": f"{i}.png", "mask_name": f"{i}.png", "prompts": prompts})
+    _mkdir(root / "anns")
+    (root / "anns" / "train.json").write_text(json.dumps(entries))
+    opts = argparse.Namespace(prompt_key="random", mask_threshold=None, mask_values=None,
+                              mask_suffix="", prompt_style="attributes", negative_fraction=0.0)  # fmt: skip
+    model = create_model("clipseg-tiny", image_size=32)
+    train = cli._dataset(opts, model, str(root), length=0, seed=3, split="train")
+    assert train.seed == 3
+
+    def prompts(ds):
+        return [ds[i]["prompt"] for i in range(len(ds))]
+
+    draws = []
+    for epoch in range(3):
+        train.set_epoch(epoch)
+        draws.append(prompts(train))
+    assert draws[0] != draws[1] != draws[2]
+    fit_part, held_out = cli._split(train, 0.5, seed=3)
+    before = prompts(held_out)
+    from vlsegkit.train import _set_epoch  # what fit calls on the training data every epoch
+
+    _set_epoch(fit_part, 5)
+    assert prompts(held_out) == before and train.epoch == 5
 
 
 @pytest.mark.parametrize(

@@ -92,7 +92,11 @@ def test_loss_decreases_and_dice_improves():
     )
 
 
-@pytest.mark.parametrize(("length", "small", "k"), [(16, 4, 2), (12, 4, 2), (18, 3, 3)])
+@pytest.mark.parametrize(
+    ("length", "small", "k"),
+    # (5, 2, 3): batches of 2, 2, 1 in one group; (10, 4, 3): 4, 4, 2 -- a short batch in a group
+    [(16, 4, 2), (12, 4, 2), (18, 3, 3), (5, 2, 3), (10, 4, 3)],
+)
 def test_grad_accumulation_equals_one_big_batch(length, small, k):
     torch.manual_seed(1)
     base = TinySeg()
@@ -121,6 +125,28 @@ def test_grad_accumulation_equals_one_big_batch(length, small, k):
         progress=False,
     )
     assert (params_of(plain) - params_of(big)).abs().max() > 1e-3
+
+
+def test_grad_accumulation_of_a_loader_without_len_weights_batches_by_size():
+    """A loader without len(): the epoch's short last group is only known when the data ends;
+    it has fewer batches than grad_accum_steps and they (3 + 2 items) must weigh by their sizes,
+    as in one batch of its 5 items."""
+    torch.manual_seed(3)
+    base = TinySeg()
+    accum, big = copy.deepcopy(base), copy.deepcopy(base)
+    batches = list(loader(14, 3))  # 3, 3, 3, 3, 2 items: groups of 3 + 3 + 3 and of 3 + 2
+
+    class NoLen:
+        def __iter__(self):
+            return iter(batches)
+
+    fit(accum, NoLen(), grad_accum_steps=3, optimizer=torch.optim.SGD(accum.parameters(), lr=0.5),
+        progress=False)  # fmt: skip
+    # The reference: plain SGD steps on one batch of each group's items (mean-reduced loss).
+    big_batches = list(loader(14, 9))
+    assert [len(b["prompt"]) for b in big_batches] == [9, 5]
+    fit(big, big_batches, optimizer=torch.optim.SGD(big.parameters(), lr=0.5), progress=False)
+    torch.testing.assert_close(params_of(accum), params_of(big), rtol=0, atol=2e-6)
 
 
 def test_grad_accumulation_with_default_adamw():
@@ -414,6 +440,9 @@ def test_warmup_cosine_schedule_matches_reference(scheduler, warmup, max_steps, 
     assert lrs == pytest.approx(expected, rel=1e-12, abs=0)
     if scheduler == "cosine":
         assert lrs[-1] < 0.2 * 0.02  # decayed close to the floor of 0.1·lr
+        # ... but the floor would be reached one step after the last (FitConfig's docstring):
+        last = 0.02 * (0.1 + 0.9 * (1 - math.cos(math.pi / (total - warmup))) / 2)
+        assert lrs[-1] == pytest.approx(last, rel=1e-12) and lrs[-1] > 0.1 * 0.02
 
 
 class ConstantSeg(Oracle):

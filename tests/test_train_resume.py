@@ -31,7 +31,9 @@ from vlsegkit.data import SyntheticLesions, collate_prompts
 from vlsegkit.hub import CheckpointError, load_checkpoint_file
 from vlsegkit.losses import DiceBCELoss
 from vlsegkit.train import (
+    _MISSING,
     EarlyStopping,
+    ResumeMismatchError,
     find_checkpoint,
     fit,
     read_checkpoint,
@@ -412,7 +414,7 @@ def test_resume_edge_cases(finished_checkpoint, tmp_path):
         small_run(TinySeg(width=8), tmp_path / "x", resume=src)
     with pytest.raises(CheckpointError, match="no training checkpoint"):
         small_run(TinySeg(width=4), tmp_path / "x", resume=tmp_path / "missing")
-    # A mid-epoch checkpoint cannot be resumed with another batch layout.
+    # A mid-epoch checkpoint cannot be resumed with another batch layout (here: fewer images).
     with pytest.raises(Interrupt):
         small_run(TinySeg(width=4), tmp_path / "mid", checkpoint_every=1, log_fn=stop_at(2))
     with pytest.raises(
@@ -420,12 +422,129 @@ def test_resume_edge_cases(finished_checkpoint, tmp_path):
     ):
         fit(
             TinySeg(width=4),
-            SyntheticLesions(length=8, image_size=8, seed=0),
-            batch_size=4,
+            SyntheticLesions(length=4, image_size=8, seed=0),
+            batch_size=2,
+            epochs=2,
+            lr=1e-2,
+            seed=1,
             checkpoint_dir=tmp_path / "mid",
             resume=True,
             progress=False,
         )
+
+
+# --------------------------------------------------------------------------- changed options
+def options_run(model, tmp, **kwargs):
+    options = dict(batch_size=2, epochs=1, lr=1e-2, seed=1, checkpoint_dir=tmp, progress=False)
+    return fit(model, SyntheticLesions(length=8, image_size=8, seed=0), **{**options, **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("first", "resumed", "changes"),
+    [
+        # A cosine schedule's length is fixed by its saved state: epochs 1 -> 3 would continue
+        # the 4-step schedule (lr 0 after step 4) instead of a 12-step one.
+        ({"scheduler": "cosine"}, {"scheduler": "cosine", "epochs": 3}, {"schedule_steps": (4, 12)}),
+        ({"scheduler": "cosine"}, {"scheduler": "cosine", "max_steps": 2}, {"schedule_steps": (4, 2)}),
+        ({}, {"lr": 0.05}, {"lr": (0.01, 0.05)}),
+        ({}, {"weight_decay": 0.1}, {"weight_decay": (1e-4, 0.1)}),
+        ({}, {"warmup_steps": 2}, {"warmup_steps": (0, 2)}),
+        ({"scheduler": "cosine"}, {"scheduler": "cosine", "min_lr_ratio": 0.5},
+         {"min_lr_ratio": (0.0, 0.5)}),
+        ({}, {"scheduler": "plateau"}, {"scheduler": (None, "plateau")}),
+        ({}, {"grad_accum_steps": 2}, {"grad_accum_steps": (1, 2)}),
+        ({}, {"batch_size": 4}, {"batch_size": (2, 4)}),
+        ({}, {"seed": 2}, {"seed": (1, 2)}),
+        ({}, {"shuffle": False}, {"shuffle": (True, False)}),
+        ({}, {"monitor": "dice", "val_loader": SyntheticLesions(length=2, image_size=8, seed=9)},
+         {"monitor": ("train_loss", "val_dice")}),
+        # every changed option is listed
+        ({"scheduler": "cosine"}, {"lr": 0.05, "epochs": 2}, {
+            "lr": (0.01, 0.05), "scheduler": ("cosine", None), "min_lr_ratio": (0.0, "(not set)"),
+            "schedule_steps": (4, "(not set)"),
+        }),
+    ],
+    ids=["cosine-epochs", "cosine-max-steps", "lr", "weight-decay", "warmup", "min-lr-ratio",
+         "scheduler", "grad-accum", "batch-size", "seed", "shuffle", "monitor", "several"],
+)  # fmt: skip
+def test_resume_refuses_options_that_the_checkpoint_fixes(tmp_path, first, resumed, changes):
+    torch.manual_seed(0)
+    options_run(TinySeg(width=4), tmp_path, **first)
+    model = TinySeg(width=4)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ResumeMismatchError) as info:
+        options_run(model, tmp_path, resume=True, **resumed)
+    err = info.value
+    shown = {k: tuple("(not set)" if v is _MISSING else v for v in pair)
+             for k, pair in err.changes.items()}  # fmt: skip
+    assert shown == changes
+    message = str(err)
+    assert f"cannot resume from {find_checkpoint(tmp_path)}" in message
+    assert f"{len(changes)} option(s) differ" in message
+    for name in changes:
+        assert f"\n  {name}: " in message
+    assert "start a new run" in message
+    assert ("To train a 'cosine' run longer" in message) == ("schedule_steps" in changes)
+    # Nothing was loaded.
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [{}, {"warmup_steps": 3}, {"scheduler": "plateau"}],
+    ids=["constant", "warmup", "plateau"],
+)
+def test_resume_extends_a_run_whose_schedule_does_not_depend_on_its_length(tmp_path, schedule):
+    """More epochs (and another max_steps) on resume: the same weights as one longer run."""
+    torch.manual_seed(0)
+    start = TinySeg(width=4)
+    straight = copy.deepcopy(start)
+    options_run(straight, tmp_path / "straight", epochs=3, **schedule)
+    options_run(start, tmp_path / "cut", epochs=2, max_steps=4, **schedule)  # stops at 1 epoch
+    model = TinySeg(width=4)
+    history = options_run(model, tmp_path / "cut", epochs=3, resume=True, **schedule)
+    assert history.steps == 12
+    assert torch.equal(params_of(model), params_of(straight))
+
+
+def test_resume_compares_a_given_optimizer_and_scheduler(tmp_path):
+    def run(lr, *, momentum=0.9, scheduler=None, **kwargs):
+        torch.manual_seed(0)
+        model = TinySeg(width=4)
+        sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        sched = None if scheduler is None else scheduler(sgd)
+        return options_run(model, tmp_path, optimizer=sgd, scheduler=sched, **kwargs)
+
+    run(0.1)
+    run(0.1, resume=True, epochs=2)  # the same optimiser: fine
+    with pytest.raises(ResumeMismatchError, match=r"optimizer: .*'lr': 0.1.*'lr': 0.2") as info:
+        run(0.2, resume=True, epochs=3)
+    assert list(info.value.changes) == ["optimizer"]
+    with pytest.raises(ResumeMismatchError, match="momentum"):
+        run(0.1, momentum=0.5, resume=True, epochs=3)
+    step = lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1)  # noqa: E731
+    with pytest.raises(ResumeMismatchError, match=r"scheduler: None .*, 'StepLR' now"):
+        run(0.1, scheduler=step, resume=True, epochs=3)
+
+
+def test_resume_from_a_checkpoint_without_options_warns(tmp_path):
+    """Checkpoints of older versions carry no options: they still load, with a warning."""
+    torch.manual_seed(0)
+    start = TinySeg(width=4)
+    straight = copy.deepcopy(start)
+    options_run(straight, tmp_path / "straight", epochs=2)
+    options_run(start, tmp_path / "old", epochs=1)
+    folder = find_checkpoint(tmp_path / "old")
+    state = torch.load(folder / "trainer_state.pt", weights_only=True)
+    del state["options"]
+    torch.save(state, folder / "trainer_state.pt")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["sha256"]["trainer_state.pt"] = _checkpoint._sha256(folder / "trainer_state.pt")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    model = TinySeg(width=4)
+    with pytest.warns(UserWarning, match="did not store its options"):
+        options_run(model, tmp_path / "old", epochs=2, resume=True)
+    assert torch.equal(params_of(model), params_of(straight))
 
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -168,6 +168,12 @@ def test_cyclic_run_resumes_from_fit_checkpoints(lesions, tmp_path):
     assert first.history.epochs == 2 and len(first) == 1
     resumed = fit_checkpoint_ensemble(net, lesions, resume=True, **run)
     assert len(resumed) == len(full) == 2
+    # ensemble.json lists the snapshots written before the resume too, as the full run's does.
+    names = ["epoch_0002.safetensors", "epoch_0004.safetensors"]
+    assert [p.name for p in resumed.checkpoints] == [p.name for p in full.checkpoints] == names
+    for folder in ("full", "cut"):
+        listed = json.loads((tmp_path / folder / "ensemble.json").read_text())["checkpoints"]
+        assert listed == names, folder
     from vlsegkit.hub import load_checkpoint_file
 
     for a, b in zip(full.checkpoints, resumed.checkpoints):

@@ -24,6 +24,7 @@ itself fails (e.g. a corrupt checkpoint).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -130,8 +131,8 @@ _TRAIN_OPTS = (
     _Opt("max-grad-norm", float, None, "clip the gradient norm to this value"),
     _Opt("max-steps", int, None, "stop after this many optimiser steps"),
     _Opt("scheduler", str, "none", "learning-rate schedule", ("none", "cosine", "plateau")),
-    _Opt("warmup-steps", int, 0, "optimiser steps of linear warmup"),
-    _Opt("min-lr-ratio", float, 0.0, "final cosine learning rate as a fraction of --lr"),
+    _Opt("warmup-steps", int, 0, "optimiser steps of linear warmup (cosine or none)"),
+    _Opt("min-lr-ratio", float, 0.0, "floor of the cosine schedule as a fraction of --lr"),
     _Opt(
         "monitor",
         str,
@@ -332,6 +333,11 @@ def _resolve(args: argparse.Namespace, opts: Sequence[_Opt]) -> argparse.Namespa
         if not ok:
             interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
             raise CLIError(f"--{key.replace('_', '-')} must be in {interval}, got {value}")
+    if merged.get("scheduler") == "plateau" and merged.get("warmup_steps"):
+        raise CLIError(
+            f"--warmup-steps {merged['warmup_steps']} needs --scheduler cosine or none: "
+            "--scheduler plateau has no warmup"
+        )
     if merged.get("image_size") is not None and merged["image_size"] < 8:
         raise CLIError(f"--image-size must be >= 8, got {merged['image_size']}")
     if merged.get("device") is not None:
@@ -460,7 +466,10 @@ def _dataset(opts: argparse.Namespace, model, path: str, *, length: int, seed: i
             f"--data {path}: datasets on disk need vlsegkit.data.ImageMaskPromptDataset, which this "
             "vlsegkit installation does not provide; use --data synthetic"
         ) from e
-    kwargs = dict(image_size=model.image_size, prompt_key=opts.prompt_key, **norm)
+    # Seeded: prompt draws of --prompt-key random are a function of (seed, epoch, item); fit calls
+    # the training set's set_epoch, so training draws anew every epoch while a validation or
+    # evaluation set (seed + 10000, never set_epoch'ed) keeps one draw, comparable across epochs.
+    kwargs = dict(image_size=model.image_size, prompt_key=opts.prompt_key, seed=seed, **norm)
     if opts.mask_threshold is not None:
         kwargs["mask_threshold"] = opts.mask_threshold
     if opts.mask_values is not None:
@@ -492,7 +501,9 @@ def _split(dataset, fraction: float, seed: int):
             f"--val-fraction {fraction} of {n} samples leaves no training or no validation sample"
         )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return Subset(dataset, order[n_val:]), Subset(dataset, order[:n_val])
+    # A copy for the held-out items: fit's per-epoch set_epoch on the training Subset must not
+    # redraw their prompts (with --prompt-key random) between validations.
+    return Subset(dataset, order[n_val:]), Subset(copy.copy(dataset), order[:n_val])
 
 
 def _mask_values(text: str) -> list[int]:
@@ -548,7 +559,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(opts: argparse.Namespace) -> int:
-    from .train import fit, seed_everything
+    from .train import ResumeMismatchError, fit, seed_everything
 
     seed_everything(opts.seed)
     model, note = _load_model(opts, image_size=opts.image_size)
@@ -587,6 +598,8 @@ def _cmd_train(opts: argparse.Namespace) -> int:
 
     try:
         history = fit(model, _loader(train_set, opts, shuffle=True), **_fit_options(opts, val_set))
+    except ResumeMismatchError as e:
+        raise CLIError(_resume_conflict(e, opts)) from e
     except (ValueError, FloatingPointError) as e:
         raise _RunError(f"training failed: {e}") from e
     out = Path(opts.out)
@@ -611,6 +624,40 @@ def _cmd_train(opts: argparse.Namespace) -> int:
     print(f"the last epoch's model is in {(out / 'last').resolve()}")
     print(f"training curves: {(out / 'training_curves.png').resolve()}")
     return 0
+
+
+def _resume_conflict(error: Any, opts: argparse.Namespace) -> str:
+    """The CLI's words for a ``ResumeMismatchError``: the options as flags, what to do."""
+    flags = {
+        "schedule_steps": "--epochs/--max-steps (the length of --scheduler cosine, in steps)",
+        "optimizer": "optimizer",
+        "shuffle": "shuffle",
+    }
+
+    from .train import _MISSING
+
+    def show(name: str, value: Any) -> str:
+        if value is _MISSING:  # an option that one of the two runs does not have
+            return "(not set)"
+        return "none" if name == "scheduler" and value is None else str(value)
+
+    changes = "; ".join(
+        f"{flags.get(name, '--' + name.replace('_', '-'))}: {show(name, old)} in the checkpoint's "
+        f"run, {show(name, new)} now"
+        for name, (old, new) in error.changes.items()
+    )
+    extend = (
+        " To train a --scheduler cosine run longer, start a new run from its weights (MODEL = "
+        f"{Path(opts.out) / 'last'}) with a new --out, or use --scheduler none / plateau, whose "
+        "runs can be extended with a larger --epochs and --resume."
+        if "schedule_steps" in error.changes
+        else ""
+    )
+    return (
+        f"--resume: {error.source} was written with other values of options that its saved "
+        f"optimiser / scheduler / data state fixes: {changes}. Resume with the checkpoint's "
+        f"values, or train into a new --out to use the new ones.{extend}"
+    )
 
 
 def _fit_options(opts: argparse.Namespace, val_set) -> dict[str, Any]:

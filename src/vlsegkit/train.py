@@ -14,9 +14,11 @@ every process reads its own shard of the data, loss terms and metrics are reduce
 only rank 0 logs and writes files.
 
 Runs are resumable mid-epoch: the data order of every epoch is a seeded permutation
-(``vlsegkit._distributed.ResumableSampler``), and a checkpoint holds the model, optimiser,
-scheduler, gradient scaler, Python/numpy/torch RNG states, the position in the data and the
-history. A resumed run ends with the same weights as an uninterrupted one.
+(``vlsegkit._distributed.ResumableSampler``), DataLoader workers seed their random generators per
+item from that seed, the epoch and the item, and a checkpoint holds the model, optimiser,
+scheduler, gradient scaler, Python/numpy/torch RNG states, the position in the data, the
+history and the options that these states fix (a resume with other values is refused). A resumed
+run ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -40,11 +42,14 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 from torch.utils.data import (
+    ConcatDataset,
     DataLoader,
     Dataset,
     IterableDataset,
     RandomSampler,
+    Sampler,
     SequentialSampler,
+    Subset,
 )
 from tqdm.auto import tqdm
 
@@ -60,6 +65,7 @@ __all__ = [
     "EarlyStopping",
     "FitConfig",
     "History",
+    "ResumeMismatchError",
     "evaluate",
     "find_checkpoint",
     "fit",
@@ -284,12 +290,11 @@ def _num_batches(loader: Iterable) -> int | None:
         return None
 
 
-def _group_size(index: int, grad_accum_steps: int, num_batches: int | None) -> int:
-    """How many batches share the optimiser step that batch ``index`` belongs to."""
-    if num_batches is None:
-        return grad_accum_steps
-    group_start = index - index % grad_accum_steps
-    return min(grad_accum_steps, num_batches - group_start)
+def _groups(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    """Consecutive lists of ``size`` items (the last one may be shorter)."""
+    iterator = iter(items)
+    while group := list(itertools.islice(iterator, size)):
+        yield group
 
 
 def _reduce_means(values: Mapping[str, float], count: int, env: DistEnv) -> tuple[dict, int]:
@@ -320,12 +325,14 @@ def _rebuildable(loader: Any) -> bool:
     )
 
 
-def _remake(loader: DataLoader, sampler: Any, generator: torch.Generator | None) -> DataLoader:
+def _remake(
+    loader: DataLoader, sampler: Any, generator: torch.Generator | None, dataset: Any = None
+) -> DataLoader:
     extra = {"pin_memory_device": loader.pin_memory_device} if loader.pin_memory_device else {}
     if hasattr(loader, "in_order"):  # torch >= 2.6
         extra["in_order"] = loader.in_order
     return DataLoader(
-        loader.dataset,
+        loader.dataset if dataset is None else dataset,
         batch_size=loader.batch_size,
         sampler=sampler,
         num_workers=loader.num_workers,
@@ -346,14 +353,75 @@ def _draw_seed(generator: torch.Generator | None) -> int:
     return int(torch.randint(2**62, (), generator=generator).item())
 
 
+def _set_epoch(dataset: Any, epoch: int) -> None:
+    """Call ``dataset.set_epoch(epoch)`` if it has one, also through ``Subset`` / ``ConcatDataset``
+    (``ImageMaskPromptDataset(seed=...)`` draws new prompts and augmentations per epoch)."""
+    set_epoch = getattr(dataset, "set_epoch", None)
+    if callable(set_epoch):
+        set_epoch(epoch)
+    elif isinstance(dataset, Subset):
+        _set_epoch(dataset.dataset, epoch)
+    elif isinstance(dataset, ConcatDataset):
+        for part in dataset.datasets:
+            _set_epoch(part, epoch)
+
+
+class _SeededItems(Dataset):
+    """A map-style dataset read by DataLoader worker processes through ``_KeyedSampler`` keys.
+
+    Key ``(index, epoch, seed)`` seeds the worker's Python, numpy and torch generators with ``seed``
+    (a function of fit's data seed, the epoch and ``index``) and returns ``dataset[index]``, so every
+    random draw of an item (augmentations, ``prompt_key="random"``) is the same whichever worker
+    reads it and however many batches that worker read before: a resumed epoch, whose first batch
+    goes to worker 0, recreates the uninterrupted run's items. It also brings the worker's copy of
+    the dataset to ``epoch`` (``set_epoch``), which persistent workers would otherwise miss.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.epoch: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int, int]) -> Any:
+        index, epoch, seed = key
+        if epoch != self.epoch:
+            _set_epoch(self.dataset, epoch)
+            self.epoch = epoch
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        return self.dataset[index]
+
+
+class _KeyedSampler(Sampler):
+    """``ResumableSampler``'s indices as ``(index, epoch, item seed)`` keys for ``_SeededItems``."""
+
+    def __init__(self, sampler: ResumableSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self):
+        epoch, seed = self.sampler.epoch, self.sampler.seed
+        for index in self.sampler:
+            yield index, epoch, _distributed.mix_seed(seed, epoch, index, 2)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 class _TrainData:
     """The training batches of every epoch, in a reproducible, shardable, resumable order.
 
     Map-style datasets and plain ``DataLoader``s (sequential or shuffled) get a
     ``ResumableSampler``: the same batches whatever the process count, and a mid-epoch start that
-    skips batches without loading them. Anything else (custom samplers, iterable datasets, lists
-    of batches) is used as given: ``set_epoch`` is called on its sampler if it has one, and resuming
-    skips batches by iterating over them, which is exact only if that iterable is deterministic.
+    skips batches without loading them. With worker processes, each item is read with the workers'
+    random generators seeded from ``(data seed, epoch, index)`` (``_SeededItems``), so resuming is
+    exact for datasets that draw from the global generators too. Anything else (custom samplers,
+    iterable datasets, lists of batches) is used as given: ``set_epoch`` is called on its sampler if
+    it has one, and resuming skips batches by iterating over them, which is exact only if that
+    iterable is deterministic. Every epoch starts with ``set_epoch(epoch)`` on the dataset, if it
+    has that method.
     """
 
     def __init__(
@@ -367,6 +435,7 @@ class _TrainData:
         env: DistEnv,
     ) -> None:
         self.sampler: ResumableSampler | None = None
+        self.dataset = source if isinstance(source, Dataset) else getattr(source, "dataset", None)
         if isinstance(source, Dataset) and not isinstance(source, IterableDataset):
             loader = DataLoader(
                 source, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_prompts
@@ -396,8 +465,14 @@ class _TrainData:
                 world_size=env.world_size,
             )
             # An own generator keeps the workers' base seed off the global RNG and reproducible.
-            self.loader = _remake(loader, self.sampler, torch.Generator())
+            if loader.num_workers > 0:
+                keyed, items = _KeyedSampler(self.sampler), _SeededItems(loader.dataset)
+                self.loader = _remake(loader, keyed, torch.Generator(), dataset=items)
+            else:
+                self.loader = _remake(loader, self.sampler, torch.Generator())
         self.num_batches = _num_batches(self.loader)
+        self.batch_size = getattr(self.loader, "batch_size", None)
+        self.shuffle = None if self.sampler is None else self.sampler.shuffle
 
     @property
     def seed(self) -> int | None:
@@ -410,6 +485,7 @@ class _TrainData:
 
     def epoch(self, epoch: int, skip: int) -> Iterable[dict[str, Any]]:
         """The batches of ``epoch`` after its first ``skip``."""
+        _set_epoch(self.dataset, epoch)
         if self.sampler is not None:
             self.sampler.set_position(epoch, skip * self.loader.batch_size)
             # Seeds the workers' base seed, which DataLoader draws from this generator every epoch.
@@ -547,9 +623,11 @@ class _Run:
     batch: int = 0  # batches of ``epoch`` already trained on
     grad_accum_steps: int = 1
     world_size: int = 1
+    options: dict[str, Any] = field(default_factory=dict)  # _resume_options of this run
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "options": dict(self.options),
             "progress": {"epoch": self.epoch, "batch": self.batch, "steps": self.history.steps},
             "layout": {
                 "num_batches": self.data.num_batches,
@@ -592,6 +670,136 @@ class _Run:
         self.history.load_state_dict(state["history"])
         self.running.sums.update(state["running"]["sums"])
         self.running.counts.update(state["running"]["counts"])
+
+
+class ResumeMismatchError(CheckpointError):
+    """``fit(resume=...)`` was given options that the checkpoint's saved state would override.
+
+    Attributes:
+        source: the checkpoint.
+        changes: ``{option: (value in the checkpoint's run, value given now)}``.
+    """
+
+    def __init__(self, source: Any, changes: dict[str, tuple[Any, Any]], message: str) -> None:
+        super().__init__(message)
+        self.source, self.changes = source, changes
+
+
+_MISSING = object()
+#: why a resumed run cannot take another value of an option
+_FIXED_BY = {
+    "lr": "the saved optimiser state holds the learning rate",
+    "weight_decay": "the saved optimiser state holds it",
+    "optimizer": "the saved optimiser state replaces its hyperparameters",
+    "scheduler": "the saved scheduler state belongs to this schedule",
+    "scheduler_interval": "the saved scheduler state counts these intervals",
+    "warmup_steps": "the saved scheduler state holds the schedule",
+    "min_lr_ratio": "the saved scheduler state holds the schedule",
+    "schedule_steps": (
+        "the length of the 'cosine' schedule (optimiser steps over all epochs, from epochs, "
+        "max_steps, the batches per epoch and grad_accum_steps); the saved scheduler state holds it"
+    ),
+    "batch_size": "the saved data position and step count are in batches of this size",
+    "grad_accum_steps": "the saved step count and schedule are in steps of this many batches",
+    "shuffle": "the saved data order uses it",
+    "seed": "the saved data order and random states come from it",
+    "monitor": "the saved best value and schedule track this metric",
+}
+
+
+def _jsonish(value: Any) -> Any:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return [_jsonish(v) for v in value]
+    return value if isinstance(value, (bool, int, float, str, type(None))) else repr(value)
+
+
+def _resume_options(
+    cfg: FitConfig,
+    optimizer: torch.optim.Optimizer,
+    data: _TrainData,
+    *,
+    total_steps: int | None,
+    monitor: str,
+) -> dict[str, Any]:
+    """The options whose effect a checkpoint's saved state fixes: a resumed run must use the
+    checkpoint's values (call before fit builds its scheduler on ``optimizer``)."""
+    options: dict[str, Any] = {}
+    if cfg.optimizer is None:
+        options.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:  # its hyperparameters as given (a given scheduler may have set lr / initial_lr)
+        groups = [
+            {k: _jsonish(v) for k, v in sorted(g.items()) if k != "params"}
+            for g in optimizer.param_groups
+        ]
+        options["optimizer"] = {"class": type(optimizer).__qualname__, "param_groups": groups}
+    if cfg.scheduler is None or isinstance(cfg.scheduler, str):
+        options.update(scheduler=cfg.scheduler, warmup_steps=cfg.warmup_steps)
+        if cfg.scheduler == "cosine":
+            options.update(min_lr_ratio=cfg.min_lr_ratio, schedule_steps=total_steps)
+    else:  # a given torch scheduler: its own settings come from the checkpoint
+        options.update(
+            scheduler=type(cfg.scheduler).__qualname__, scheduler_interval=cfg.scheduler_interval
+        )
+    options.update(
+        batch_size=data.batch_size,
+        grad_accum_steps=cfg.grad_accum_steps,
+        shuffle=data.shuffle,
+        seed=cfg.seed,
+        monitor=monitor,
+    )
+    return options
+
+
+def _check_resume_options(state: dict[str, Any], options: dict[str, Any], source: Any) -> None:
+    """Refuse to resume with options that the checkpoint's state would silently override."""
+    saved = state.get("options")
+    if saved is None:
+        warnings.warn(
+            f"{source} was written by an older vlsegkit that did not store its options, so they "
+            "cannot be checked: the saved optimiser and scheduler states continue the run (its "
+            "learning rate and schedule), whatever lr, weight_decay, scheduler, warmup_steps, "
+            "min_lr_ratio, epochs or max_steps are given now",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    order = list(_FIXED_BY)
+    names = sorted(
+        set(saved) | set(options),
+        key=lambda n: (n not in order, order.index(n) if n in order else n),
+    )
+    changes = {
+        name: (saved.get(name, _MISSING), options.get(name, _MISSING))
+        for name in names
+        if saved.get(name, _MISSING) != options.get(name, _MISSING)
+    }
+    if not changes:
+        return
+
+    def show(value: Any) -> str:
+        return "(not set)" if value is _MISSING else repr(value)
+
+    lines = [
+        f"  {name}: {show(old)} in the checkpoint's run, {show(new)} now ({_FIXED_BY.get(name, 'the saved state depends on it')})"
+        for name, (old, new) in changes.items()
+    ]
+    extend = ""
+    if "schedule_steps" in changes:
+        extend = (
+            " To train a 'cosine' run longer, start a new run from its weights (e.g. "
+            "model.save_pretrained, then load them), or use scheduler=None or 'plateau', whose "
+            "runs can be extended by resuming with more epochs."
+        )
+    raise ResumeMismatchError(
+        source,
+        changes,
+        f"cannot resume from {source}: {len(changes)} option(s) differ from the run that wrote "
+        "the checkpoint, and its saved state would override them:\n" + "\n".join(lines) + "\n"
+        "Resume with the checkpoint's values, or start a new run (a new checkpoint_dir, or "
+        f"resume=False) to use the new ones.{extend}",
+    )
 
 
 def _save(
@@ -733,11 +941,19 @@ class FitConfig:
         weight_decay: AdamW weight decay, finite and ``>= 0``.
         optimizer: a ready optimiser; default AdamW over ``model.trainable_parameters()``.
         scheduler: ``"cosine"`` (per optimiser step: linear warmup over ``warmup_steps``, then cosine
-            decay to ``min_lr_ratio·lr`` at the last step), ``"plateau"`` (``ReduceLROnPlateau``,
-            stepped each epoch with ``monitor``), None (constant after the optional warmup), or a
-            torch scheduler built on ``optimizer`` (stepped every ``scheduler_interval``).
-        warmup_steps: optimiser steps of linear warmup: step ``t`` uses ``lr·(t+1)/(warmup_steps+1)``.
-        min_lr_ratio: final learning rate of ``"cosine"`` as a fraction of ``lr``.
+            decay towards ``min_lr_ratio·lr``), ``"plateau"`` (``ReduceLROnPlateau``, stepped each
+            epoch with ``monitor``), None (constant after the optional warmup), or a torch
+            scheduler built on ``optimizer`` (stepped every ``scheduler_interval``). With ``T``
+            optimiser steps in all (``epochs`` × steps per epoch, at most ``max_steps``),
+            ``w = warmup_steps`` and ``r = min_lr_ratio``, ``"cosine"``'s step ``t = 0 ... T-1``
+            uses ``lr·(r + (1-r)·(1 + cos(π·(t-w)/(T-w)))/2)`` for ``t >= w``: the decay would
+            reach ``r·lr`` at step ``T``, one step after the last, so the last step uses
+            ``lr·(r + (1-r)·(1 - cos(π/(T-w)))/2)``, slightly above ``r·lr`` (with ``r = 0`` no
+            step is wasted at learning rate 0; the convention of ``transformers``'
+            ``get_cosine_schedule_with_warmup``).
+        warmup_steps: optimiser steps of linear warmup: step ``t < warmup_steps`` uses
+            ``lr·(t+1)/(warmup_steps+1)``.
+        min_lr_ratio: floor of ``"cosine"`` as a fraction of ``lr`` (approached, see above).
         scheduler_interval: ``"step"`` or ``"epoch"``: when a given torch scheduler is stepped.
         grad_accum_steps: batches per optimiser step.
         max_grad_norm: clip the global gradient norm to this value (``> 0``) before each step.
@@ -748,7 +964,11 @@ class FitConfig:
     Data:
         batch_size: per-process batch size when a loader is a ``Dataset``.
         shuffle: shuffle a training ``Dataset`` every epoch.
-        num_workers: ``DataLoader`` workers for a training ``Dataset``.
+        num_workers: ``DataLoader`` workers for a training ``Dataset``. In workers (also those of
+            a given plain ``DataLoader``), the Python, numpy and torch generators are seeded before
+            each item from the data seed, the epoch and the item's index, so random draws of
+            augmentations or prompts are reproducible and a resumed run equals an uninterrupted
+            one whatever worker reads an item.
         seed: seed Python, numpy and torch (``seed_everything``) and the data order at the start;
             None keeps the current global RNG state and draws the data order from it.
 
@@ -763,7 +983,19 @@ class FitConfig:
         checkpoint_every: also write ``last`` every this many optimiser steps within epochs.
         resume: True resumes from ``checkpoint_dir``'s last checkpoint if there is one (else starts
             afresh); a path resumes from that checkpoint. Everything is verified before anything is
-            loaded.
+            loaded. The checkpoint's optimiser, scheduler, data order and random states continue
+            the run, so the options they fix must be the checkpoint's: ``lr``, ``weight_decay``
+            (or a given ``optimizer``'s class and hyperparameters), ``scheduler`` (a given one's
+            class and ``scheduler_interval``), ``warmup_steps``, ``min_lr_ratio`` and, for
+            ``"cosine"``, the schedule's length in steps (from ``epochs``, ``max_steps``, the
+            batches per epoch and ``grad_accum_steps``), ``batch_size``, ``grad_accum_steps``,
+            ``shuffle``, ``seed`` and ``monitor``; otherwise :class:`ResumeMismatchError` lists
+            each changed option (start a new run to use new values). A run whose schedule does not
+            depend on its length (None, warmup only, ``"plateau"``) can be extended by resuming
+            with more ``epochs`` (or another ``max_steps``); other options (``max_grad_norm``,
+            early-stopping patience, logging, device, workers...) take their new values.
+            Checkpoints of older versions, which did not store these options, load with a
+            warning.
         log_dir: append per-step and per-epoch records as JSON lines to ``log_dir/metrics.jsonl``.
         tensorboard: also write the records as TensorBoard scalars to ``log_dir``.
         log_fn: called (rank 0) with every step record (``step``, ``epoch``, ``loss``, the task's
@@ -902,9 +1134,14 @@ def fit(
     """Train ``model`` on ``train_loader`` with its task, validating after every epoch.
 
     Each step: ``terms = task.training_step(model, batch)`` (under autocast when asked), backward of
-    ``terms["loss"]`` and an optimiser step every ``grad_accum_steps`` batches (each batch loss is
-    divided by the number of batches in its group, so ``k`` batches of ``b`` give the update of one
-    batch of ``k·b`` with a mean-reduced loss). Every named term is averaged per epoch and logged.
+    ``terms["loss"]`` and an optimiser step every ``grad_accum_steps`` batches (the epoch's last
+    group may have fewer). The batches of a group are read before its first backward, and each
+    batch loss is weighted by its share ``n_batch / n_group`` of the group's samples
+    (``task.batch_size``, summed over processes), so ``k`` batches give the update of one batch of
+    all their samples with a mean-reduced loss, also when the last batch is short. Every named term
+    is averaged per epoch and logged. Each epoch starts with ``set_epoch(epoch)`` on the training
+    dataset (through ``Subset`` / ``ConcatDataset``) and on a given loader's sampler, if they have
+    that method, so e.g. ``ImageMaskPromptDataset(seed=...)`` draws new prompts every epoch.
 
     Under ``torchrun --nproc_per_node N`` the same call trains with DDP: each process reads ``1/N`` of
     every epoch, gradients are averaged over processes, terms and metrics are reduced over them, and
@@ -930,6 +1167,8 @@ def fit(
         ValueError: a bad option (named in the message), or a training loader without batches.
         CheckpointError: the checkpoint to resume from is missing, incomplete, corrupt or does not
             fit this model / optimiser; nothing is loaded then.
+        ResumeMismatchError: (a ``CheckpointError``) options that the checkpoint fixes differ
+            from its run's (see ``FitConfig.resume``); nothing is loaded then.
         FloatingPointError: a non-finite training loss.
     """
     cfg = _fit_config(config, options)
@@ -971,14 +1210,17 @@ def fit(
     if data.num_batches == 0:
         raise ValueError("train_loader has no batches: there is nothing to train on")
     val_data = None if val_loader is None else _eval_data(val_loader, cfg.batch_size, env)
-    num_batches = data.num_batches
+    total_steps = _total_steps(data.num_batches, cfg.grad_accum_steps, cfg.epochs, cfg.max_steps)
+    options = _resume_options(cfg, optimizer, data, total_steps=total_steps, monitor=monitor)
+    if state is not None:
+        _check_resume_options(state, options, resume_from)
     scheduler, per_epoch = _build_scheduler(
         cfg.scheduler,
         optimizer,
         warmup_steps=cfg.warmup_steps,
         min_lr_ratio=cfg.min_lr_ratio,
         interval=cfg.scheduler_interval,
-        total_steps=_total_steps(num_batches, cfg.grad_accum_steps, cfg.epochs, cfg.max_steps),
+        total_steps=total_steps,
         mode=monitor_mode,
     )
     # Loss scaling is only needed for fp16, whose small range underflows gradients.
@@ -995,6 +1237,7 @@ def fit(
         history=history,
         grad_accum_steps=cfg.grad_accum_steps,
         world_size=env.world_size,
+        options=options,
     )
     if state is not None:
         _check_optimizer_state(optimizer, state, resume_from)
@@ -1058,7 +1301,6 @@ def _train_epochs(
         net.train()
         task.train()
         optimizer.zero_grad(set_to_none=True)
-        pending = 0  # batches whose gradients are accumulated but not yet applied
         bar = tqdm(
             data.epoch(epoch, skip),
             total=num_batches,
@@ -1066,38 +1308,42 @@ def _train_epochs(
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             disable=_no_bar(cfg.progress, env),
         )
-        for index, batch in enumerate(bar, start=skip):
-            batch = move_to_device(batch, device)
-            closes_group = pending + 1 == cfg.grad_accum_steps or index + 1 == num_batches
-            with _no_sync(net, not closes_group and num_batches is not None):
-                with _autocast(device, cfg.autocast_dtype):
-                    terms = task.training_step(net, batch)
-                loss = _checked_loss(terms, epoch, index)
-                values = {k: float(v.detach()) for k, v in terms.items()}
-                values, count = _reduce_means(values, task.batch_size(batch), env)
-                if not math.isfinite(values["loss"]):
-                    raise FloatingPointError(
-                        f"the loss is {values['loss']} at epoch {epoch}, batch {index}"
-                    )
-                group = _group_size(index, cfg.grad_accum_steps, num_batches)
-                scaler.scale(loss / group).backward()
-            for name, value in values.items():
-                run.running.update(name, value, n=count)
-                step_terms.update(name, value, n=count)
-            pending += 1
-            bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()})
-            if closes_group:
-                pending, run.batch = 0, index + 1
-                take_step(epoch)
-                # (At the end of an epoch the epoch-level checkpoint follows right after.)
-                ends_epoch = index + 1 == num_batches
-                every = cfg.checkpoint_every
-                if every and history.steps % every == 0 and not ends_epoch:
-                    _save(checkpoint_dir, "last", model, run, env)
-                if done():
-                    break
-        if pending:  # a loader without len() ended mid-group
+        # One optimiser step per group of grad_accum_steps batches (the epoch's last group may be
+        # shorter). The group is read before its first backward so that each batch's loss can be
+        # weighted by its share of the group's samples (over all processes): the accumulated
+        # gradient is then that of one batch of all the group's samples with a mean-reduced loss.
+        for group in _groups(enumerate(bar, start=skip), cfg.grad_accum_steps):
+            sizes = [task.batch_size(batch) for _, batch in group]
+            total = _distributed.all_reduce_sum([sum(sizes)])[0]
+            for position, ((index, batch), size) in enumerate(zip(group, sizes)):
+                batch = move_to_device(batch, device)
+                with _no_sync(net, position + 1 < len(group)):
+                    with _autocast(device, cfg.autocast_dtype):
+                        terms = task.training_step(net, batch)
+                    loss = _checked_loss(terms, epoch, index)
+                    values = {k: float(v.detach()) for k, v in terms.items()}
+                    values, count = _reduce_means(values, size, env)
+                    if not math.isfinite(values["loss"]):
+                        raise FloatingPointError(
+                            f"the loss is {values['loss']} at epoch {epoch}, batch {index}"
+                        )
+                    # DDP averages gradients over processes, hence the world_size factor.
+                    weight = size * env.world_size / total if total else 0.0
+                    scaler.scale(loss * weight).backward()
+                for name, value in values.items():
+                    run.running.update(name, value, n=count)
+                    step_terms.update(name, value, n=count)
+                bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()})
+            index = group[-1][0]
+            run.batch = index + 1
             take_step(epoch)
+            # (At the end of an epoch the epoch-level checkpoint follows right after.)
+            ends_epoch = index + 1 == num_batches
+            every = cfg.checkpoint_every
+            if every and history.steps % every == 0 and not ends_epoch:
+                _save(checkpoint_dir, "last", model, run, env)
+            if done():
+                break
         bar.close()
         means = run.running.compute()
         if not means:

@@ -45,6 +45,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -428,14 +429,11 @@ def fit_checkpoint_ensemble(
     optimizer = _nnunet_optimizer(model, lr) if optimizer is None else optimizer
     kept = set(schedule.snapshot_epochs())
     user_log: Callable[[dict[str, float]], None] | None = fit_options.pop("log_fn", None)
-    written: list[Path] = []
 
     def log_fn(record: dict[str, float]) -> None:
         # fit calls this on rank 0 after every step and, with "train_loss", after every epoch
         if "train_loss" in record and int(record["epoch"]) in kept:
-            written.append(
-                save_snapshot(model, out / f"epoch_{int(record['epoch']) + 1:04d}.safetensors")
-            )
+            save_snapshot(model, out / f"epoch_{int(record['epoch']) + 1:04d}.safetensors")
         if user_log is not None:
             user_log(record)
 
@@ -444,19 +442,29 @@ def fit_checkpoint_ensemble(
         scheduler=schedule.scheduler(optimizer), scheduler_interval="epoch", log_fn=log_fn,
         **fit_options,
     )  # fmt: skip
+    # Every kept epoch this run reached, including those written before a resume; files of
+    # epochs not reached (e.g. of an earlier run in out_dir) are not this run's.
+    paths = [out / f"epoch_{e + 1:04d}.safetensors" for e in sorted(kept) if e < history.epochs]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # rank 0 wrote the snapshots
         if torch.distributed.get_rank() != 0:
-            paths = [out / f"epoch_{e + 1:04d}.safetensors" for e in sorted(kept)]
             ensemble = CheckpointEnsemble(model, paths, prompted=task.prompted)
             ensemble.history = history
             return ensemble
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:  # e.g. a resumed run given another out_dir than the run it continues
+        warnings.warn(
+            f"snapshots {missing} of epochs this run trained are not in {out}; the ensemble and "
+            "ensemble.json leave them out",
+            UserWarning,
+            stacklevel=2,
+        )
+        paths = [p for p in paths if p.is_file()]
     write_json(
         out / "ensemble.json",
-        {"schedule": dataclasses.asdict(schedule), "checkpoints": [p.name for p in written]},
+        {"schedule": dataclasses.asdict(schedule), "checkpoints": [p.name for p in paths]},
     )
-    paths = [out / f"epoch_{e + 1:04d}.safetensors" for e in sorted(kept)]
-    ensemble = CheckpointEnsemble(model, [p for p in paths if p.is_file()], prompted=task.prompted)
+    ensemble = CheckpointEnsemble(model, paths, prompted=task.prompted)
     ensemble.history = history
     return ensemble
 
