@@ -55,14 +55,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     model = vlsegkit.create_model("medclipseg-tiny", hooks=[MaPLe(depth=2, init=None)])
     results["maple+medclipseg"] = _train("MaPLe on MedCLIPSeg", model, args.steps, args.seed)
 
-    # 2. dense bottleneck adapters on a frozen CLIPSeg: only the adapters train and are saved
-    base = vlsegkit.create_model("clipseg-tiny")
-    tuned = BottleneckAdapters("dense").attach(base)
-    results["dense-adapters+clipseg"] = _train("dense adapters on CLIPSeg", tuned, args.steps,
-                                               args.seed)  # fmt: skip
-    with tempfile.TemporaryDirectory() as folder:
-        tuned.save_pretrained(folder)  # the adapters only, plus the base's fingerprint
-        again = vlsegkit.TunedModel.from_pretrained(folder, base=base)
+    # 2. dense bottleneck adapters on a frozen CLIPSeg: only the adapters train and are saved.
+    # The base is loaded from a folder (as from the Hub), so the tuned folder records where it is.
+    with tempfile.TemporaryDirectory() as root:
+        vlsegkit.create_model("clipseg-tiny").save_pretrained(f"{root}/base")
+        base = vlsegkit.VLSM.from_pretrained(f"{root}/base")
+        tuned = BottleneckAdapters("dense").attach(base)
+        results["dense-adapters+clipseg"] = _train("dense adapters on CLIPSeg", tuned, args.steps,
+                                                   args.seed)  # fmt: skip
+        tuned.save_pretrained(
+            f"{root}/tuned"
+        )  # the adapters only, plus the base's id and fingerprint
+        again = vlsegkit.VLSM.from_pretrained(f"{root}/tuned")  # finds and checks the base itself
         x = torch.randn(1, 3, *base.image_size)
         with torch.no_grad():
             assert torch.equal(again(x, "a polyp").logits, tuned.eval()(x, "a polyp").logits)
