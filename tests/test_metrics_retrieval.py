@@ -12,7 +12,8 @@ from vlsegkit.metrics import retrieval_accuracy, retrieval_hits, retrieval_ranks
 
 
 def reference_hits(image, text, ks):
-    """Rank of each query's partner = number of candidates with a strictly higher cosine."""
+    """Rank of each query's partner = number of candidates with a strictly higher cosine (the
+    random embeddings here have no ties; ties are tested by enumeration below)."""
     a = image.double().numpy()
     b = text.double().numpy()
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
@@ -53,11 +54,63 @@ def test_ranks_and_ties():
     i2t, t2i = retrieval_ranks(sim)
     assert i2t.tolist() == [0, 1, 0]  # row 0: a tie with text 1 does not push text 0 down
     assert t2i.tolist() == [0, 1, 1]  # column 2: image 1 scores 0.7 > 0.3
-    # identical captions (common in medical data) tie in favour of every image they describe
+    # identical captions (common in medical data) share the credit: an arbitrary tie-break puts
+    # either first, so each image's partner is first with probability 1/2, and surely in the top 2
     image = torch.eye(3)
     text = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    hits = retrieval_hits(image, text, ks=(1,))
-    assert hits["i2t_top1"].tolist() == [1.0, 1.0, 1.0]
+    hits = retrieval_hits(image, text, ks=(1, 2))
+    assert hits["i2t_top1"].tolist() == [0.5, 0.5, 1.0]
+    assert hits["i2t_top2"].tolist() == [1.0, 1.0, 1.0]
+
+
+def _tie_break_average(similarity, k):
+    """Mean over every ordering of the tied candidates of 'partner among the k first' (brute
+    force over all permutations of each query's candidates, stable sort by score)."""
+    import itertools
+
+    n = similarity.shape[0]
+    out = []
+    for q in range(n):
+        row = similarity[q].tolist()
+        hits = []
+        for order in itertools.permutations(range(n)):
+            ranked = sorted(order, key=lambda j: -row[j])  # stable: ties keep the permuted order
+            hits.append(float(ranked.index(q) < k))
+        out.append(sum(hits) / len(hits))
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_ties_are_broken_at_random_in_expectation(k):
+    """Collapsed embeddings used to score 100 %; with every score tied they score chance."""
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(5, 4, generator=g)
+    text = torch.randn(5, 4, generator=g)
+    text[1] = text[3]  # two identical captions
+    cases = [
+        (torch.ones(5, 4), torch.randn(1, 4, generator=g).repeat(5, 1)),  # collapsed towers
+        (torch.zeros(5, 4), torch.zeros(5, 4)),  # zero embeddings
+        (image, text),
+    ]
+    for a, b in cases:
+        hits = retrieval_hits(a, b, ks=(k,))
+        sim = (
+            torch.nn.functional.normalize(a.double(), dim=-1)
+            @ torch.nn.functional.normalize(b.double(), dim=-1).T
+        )
+        assert hits[f"i2t_top{k}"].tolist() == pytest.approx(_tie_break_average(sim, k))
+        assert hits[f"t2i_top{k}"].tolist() == pytest.approx(_tie_break_average(sim.T, k))
+    collapsed = retrieval_hits(*cases[0][:2], ks=(k,))[f"i2t_top{k}"]
+    assert collapsed.mean().item() == pytest.approx(k / 5)
+
+
+def test_non_finite_embeddings_are_refused():
+    image, text = pairs(n=4)
+    image[2, 0] = float("nan")
+    with pytest.raises(ValueError, match="must be finite"):
+        retrieval_hits(image, text)
+    with pytest.raises(ValueError, match="must be finite"):
+        retrieval_hits(text, torch.full_like(text, float("inf")))
 
 
 def test_paper_protocol_batches_and_runs():

@@ -238,6 +238,14 @@ def test_sam_refiner_matches_the_processor_and_model(folders, images):
     assert not refiner.segment(embedded, 0).any()  # no prompt, no mask
     with pytest.raises(ValueError, match="point_labels"):
         refiner.segment(embedded, 0, points=torch.zeros(1, 2, 2))
+    with pytest.raises(ValueError, match=r"boxes must have shape \(K, 4\)"):
+        refiner.segment(embedded, 0, boxes=torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match=r"index must be an int in \[0, 2\)"):
+        refiner.segment(embedded, 2, boxes=torch.tensor(boxes[0]))
+    one_box = refiner.segment(
+        embedded, -1, boxes=torch.tensor(boxes[1])
+    )  # (4,) and a negative index
+    assert torch.equal(one_box, refiner.segment(embedded, 1, boxes=torch.tensor([boxes[1]])))
 
 
 def test_sam_multimask_keeps_the_best_scored_mask(folders, images):
@@ -292,7 +300,8 @@ def test_pipeline_prompt_forms(pipe, images):
     pics = images[0][:2]
     one = pipe.segment(pics[0], "a lesion", seed=0)
     assert one.mask.shape == (40, 56)
-    ensemble = pipe.segment(pics, ["a lesion", "a polyp"], seed=0)
+    with pytest.warns(UserWarning, match="read as one prompt ensemble"):  # 2 prompts, 2 images
+        ensemble = pipe.segment(pics, ["a lesion", "a polyp"], seed=0)
     per_image = pipe.segment(pics, [["a lesion", "a polyp"], ["a lesion", "a polyp"]], seed=0)
     assert all(torch.equal(a.saliency, b.saliency) for a, b in zip(ensemble, per_image))
     with pytest.raises(ValueError, match="prompts"):

@@ -125,7 +125,9 @@ def cmd_zeroshot(args: argparse.Namespace, *, error: type[Exception], failure: t
         raise failure(f"could not load --clip {args.clip!r} / --sam {args.sam!r}: {e}") from e
     if args.device is not None:
         pipe.to(args.device)
-    prompts = args.prompt[0] if len(args.prompt) == 1 else list(args.prompt)
+    # repeated --prompt is an ensemble for every image: given per image, so it is never read as
+    # one prompt per image when there are as many prompts as images
+    prompts = args.prompt[0] if len(args.prompt) == 1 else [list(args.prompt)] * len(images)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     try:
         results = pipe.segment(

@@ -235,9 +235,13 @@ class ContrastiveTask(Task):
         b = image_embeds.shape[0]
         if b >= 2:
             scores = {k: v.detach() for k, v in self._terms(image_embeds, text_embeds).items()}
-        else:  # a single pair has no negatives: no loss, NaN per item is left out of the means
-            scores = {"loss": image_embeds.new_full((b,), float("nan"), dtype=torch.float32)}
-        hits = retrieval_hits(image_embeds.detach(), text_embeds.detach(), ks=self.ks)
+            hits = retrieval_hits(image_embeds.detach(), text_embeds.detach(), ks=self.ks)
+        else:
+            # a single pair has no negatives: no loss, and retrieving it is no test (it would
+            # always be a hit); NaN per item is left out of the means
+            nan = image_embeds.new_full((b,), float("nan"), dtype=torch.float32)
+            scores = {"loss": nan}
+            hits = {f"{d}_top{k}": nan for d in ("i2t", "t2i") for k in self.ks}
         scores.update(hits)
         if 1 in self.ks:
             scores["top1"] = (hits["i2t_top1"] + hits["t2i_top1"]) / 2

@@ -880,7 +880,8 @@ def retrieval_ranks(similarity: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         ``(image_to_text, text_to_image)``, each ``(N,)`` long: for image ``i`` the number of texts
         scoring strictly higher than text ``i``; for text ``j`` the number of images scoring strictly
-        higher than image ``j``. 0 means retrieved first.
+        higher than image ``j``. 0 means retrieved first (or tied for first: :func:`retrieval_hits`
+        breaks ties).
     """
     if not isinstance(similarity, Tensor) or similarity.dim() != 2:
         raise ValueError(
@@ -909,19 +910,39 @@ def retrieval_hits(
         text_embeds: ``(N, D)`` text embeddings; text ``i`` is the caption of image ``i``.
         ks: the ``k`` of top-k (default top-1 and top-5).
 
+    Ties are broken at random, in expectation: a partner scoring below ``h`` candidates and equal
+    to ``t`` others is among the ``k`` best with probability ``clamp((k - h) / (t + 1), 0, 1)``,
+    what an arbitrary tie-break (an argsort, as open_clip's evaluation uses) gives on average. So
+    embeddings that collapsed to one vector score chance (``k / N``), not 1, and two identical
+    captions share the credit (0.5 each at top-1, 1 at top-2).
+
     Returns:
-        ``{"i2t_top{k}": (N,), "t2i_top{k}": (N,)}``: 1.0 where the query's partner is among its
-        ``k`` best matches, else 0.0 (means are the top-k accuracies).
+        ``{"i2t_top{k}": (N,), "t2i_top{k}": (N,)}``: the probability that the query's partner is
+        among its ``k`` best matches (1.0 / 0.0 without ties; means are the top-k accuracies).
+
+    Raises:
+        ValueError: bad shapes or ``ks``, or embeddings that are not finite (a diverged model
+            would otherwise rank its NaN partner first).
     """
     _check_pairs(image_embeds, text_embeds)
     ks = _check_ks(ks)
     dtype = torch.promote_types(image_embeds.dtype, torch.float32)
     image = torch.nn.functional.normalize(image_embeds.to(dtype), dim=-1)
     text = torch.nn.functional.normalize(text_embeds.to(dtype), dim=-1)
-    i2t, t2i = retrieval_ranks(image @ text.T)
-    out = {f"i2t_top{k}": (i2t < k).to(dtype) for k in ks}
-    out.update({f"t2i_top{k}": (t2i < k).to(dtype) for k in ks})
-    return out
+    similarity = image @ text.T
+    if not torch.isfinite(similarity).all():
+        raise ValueError("image_embeds / text_embeds must be finite, got NaN or inf")
+    positive = similarity.diagonal()
+    out: dict[str, Tensor] = {}
+    for name, scores, partner in (
+        ("i2t", similarity, positive[:, None]),  # rows: each image over the texts
+        ("t2i", similarity.T, positive[:, None]),  # rows: each text over the images
+    ):
+        higher = (scores > partner).sum(dim=1).to(dtype)
+        ties = (scores == partner).sum(dim=1).to(dtype) - 1  # the partner equals itself
+        for k in ks:
+            out[f"{name}_top{k}"] = ((k - higher) / (ties + 1)).clamp(0.0, 1.0)
+    return {key: out[key] for key in [f"i2t_top{k}" for k in ks] + [f"t2i_top{k}" for k in ks]}
 
 
 @torch.no_grad()

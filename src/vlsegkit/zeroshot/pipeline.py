@@ -16,6 +16,7 @@ over the full image; that mismatch is not reproduced).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -282,6 +283,16 @@ class MedCLIPSAM(nn.Module):
         if isinstance(prompts, str):
             return [prompts] * count
         if strings(prompts):
+            if len(prompts) == count > 1:
+                # elsewhere in vlsegkit B strings pair one prompt with each image: say which
+                # reading this is, since both are plausible and the maps differ
+                warnings.warn(
+                    f"{count} prompts for {count} images are read as one prompt ensemble (their "
+                    "mean text embedding) for every image; for one prompt per image pass "
+                    "[[p] for p in prompts]",
+                    UserWarning,
+                    stacklevel=3,
+                )
             return [list(prompts)] * count
         if isinstance(prompts, Sequence) and len(prompts) == count and all(map(strings, prompts)):
             return [list(p) for p in prompts]

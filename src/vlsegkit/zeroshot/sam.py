@@ -153,6 +153,12 @@ class SAMRefiner(nn.Module):
         Returns:
             ``(H, W)`` bool mask at the original size (all False without prompts).
         """
+        n = images.embeddings.shape[0]
+        if isinstance(index, bool) or not isinstance(index, int) or not -n <= index < n:
+            raise ValueError(
+                f"index must be an int in [0, {n}) (the embedded images), got {index!r}"
+            )
+        index %= n
         h, w = (int(v) for v in images.original_sizes[index])
         rh, rw = (int(v) for v in images.reshaped_sizes[index])
         scale = torch.tensor([rw / w, rh / h], dtype=torch.float32)
@@ -160,7 +166,13 @@ class SAMRefiner(nn.Module):
         kwargs: dict[str, Tensor] = {}
         count = None
         if boxes is not None:
-            boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+            boxes = torch.as_tensor(boxes, dtype=torch.float32)
+            if boxes.shape[-1:] != (4,) or boxes.dim() not in (1, 2):
+                raise ValueError(
+                    f"boxes must have shape (K, 4) or (4,) as (x0, y0, x1, y1), got "
+                    f"{tuple(boxes.shape)}"
+                )
+            boxes = boxes.reshape(-1, 4)
             count = boxes.shape[0]
             kwargs["input_boxes"] = (boxes * scale.repeat(2))[None].to(device)
         if points is not None:
@@ -217,6 +229,12 @@ class SAMRefiner(nn.Module):
             raise ValueError(
                 f"prompt_type must be 'boxes', 'points' or 'both', got {prompt_type!r}"
             )
+        n = images.embeddings.shape[0]
+        if isinstance(index, bool) or not isinstance(index, int) or not -n <= index < n:
+            raise ValueError(
+                f"index must be an int in [0, {n}) (the embedded images), got {index!r}"
+            )
+        index %= n
         h, w = (int(v) for v in images.original_sizes[index])
         if tuple(prompts.coarse.shape) != (h, w):
             raise ValueError(
