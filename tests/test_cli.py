@@ -86,6 +86,7 @@ def test_train_writes_model_history_and_resolved_config(trained):
     assert saved["epochs"] == 2  # the command line beats the config file ...
     assert saved["lr"] == TRAIN["lr"] and saved["train_size"] == 16  # ... which beats defaults
     assert saved["weight_decay"] == 1e-4
+    assert saved["monitor"] == "val_dice"  # as used: fit's default, not the null typed (none)
     history = json.loads((trained / "history.json").read_text())
     assert len(history["train_loss"]) == 2 and all(math.isfinite(x) for x in history["train_loss"])
     assert history["steps"] == 2 * math.ceil(16 / 8)

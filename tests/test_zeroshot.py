@@ -457,6 +457,8 @@ def test_cli_zeroshot_writes_masks_and_overlays(folders, images, tmp_path, capsy
     # bad arguments: exit status 2 with the option named
     assert main([*args[:-4], "--steps", "0"]) == 2
     assert "--steps" in capsys.readouterr().err
+    assert main([*args[:-4], "--clip", str(tmp_path / "no-clip")]) == 2
+    assert "--clip: no such folder" in capsys.readouterr().err
     assert main(["zeroshot", str(tmp_path / "nope.png"), "--prompt", "x"]) == 2
 
 

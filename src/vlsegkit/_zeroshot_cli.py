@@ -101,6 +101,11 @@ def cmd_zeroshot(args: argparse.Namespace, *, error: type[Exception], failure: t
 
     if args.device is not None:
         _check_device(args.device)
+    for flag in ("clip", "sam"):
+        where = getattr(args, flag)
+        # a path (not an 'org/name' Hub id) that is missing would otherwise be sent to the Hub
+        if str(where).startswith((".", "/", "~")) and not Path(where).expanduser().is_dir():
+            raise error(f"--{flag}: no such folder {where!r}")
     images = _read_images(args.images)
 
     import torch

@@ -614,7 +614,10 @@ def _cmd_train(opts: argparse.Namespace) -> int:
             load_state_dict_strict(model, load_checkpoint_file(best / MODEL_FILE), source=str(best))
     model.save_pretrained(out / "model")
     _write_json(out / "history.json", dataclasses.asdict(history))
-    _write_json(out / "train_config.json", _jsonable(opts))
+    # the options as used: the monitored metric as fit resolved it (None on the command line means
+    # its default, val_dice or train_loss)
+    used = argparse.Namespace(**{**vars(opts), "monitor": history.monitor or opts.monitor})
+    _write_json(out / "train_config.json", _jsonable(used))
     which = (
         f"best epoch {history.best_epoch + 1} by {history.monitor} = {history.best_value:.4f}"
         if best is not None and history.best_epoch is not None
