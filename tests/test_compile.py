@@ -213,7 +213,11 @@ def test_tuned_model_with_prompt_learner_and_adapter_compiles():
     [
         ("medclipseg-tiny", lambda: [VPT(depth=2, num_context=2)]),
         ("clipseg-tiny", lambda: [MaPLe(depth=2, init=None)]),
-        ("cotexnet-tiny", lambda: [BottleneckAdapters("shallow", width=8, condition_width=8)]),
+        # text-free inference runs no text tower: shallow adapters on the vision side only
+        (
+            "cotexnet-tiny",
+            lambda: [BottleneckAdapters("shallow", width=8, condition_width=8, text=False)],
+        ),
     ],
     ids=["medclipseg-vpt", "clipseg-maple", "cotexnet-shallow-adapters"],
 )
