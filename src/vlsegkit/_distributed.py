@@ -15,6 +15,7 @@ Three concerns live here:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -100,8 +101,15 @@ def setup() -> DistEnv:
 
 
 def _destroy() -> None:
-    if _initialized():
-        dist.destroy_process_group()
+    if not _initialized():
+        return
+    # Wait for every rank before tearing down: a rank that destroys the group (and rank 0 its
+    # TCPStore) while another is still in its own teardown made about one exit in ten abort with
+    # "terminate called without an active exception" (torch 2.14, gloo). If a rank has died,
+    # torchrun stops the others, so this cannot wait forever.
+    with contextlib.suppress(RuntimeError):
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def _reduction_device() -> torch.device:
