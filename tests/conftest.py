@@ -12,6 +12,16 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture
+def single_thread():
+    """One intra-op thread for the test, restored afterwards: tiny tensors gain nothing from
+    threads, and on a busy 2-core machine oversubscription makes training loops ~20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def load_calls(monkeypatch):
     """The ``assign`` argument of every ``nn.Module.load_state_dict`` call (True: the checkpoint's
     tensors were taken, not copied into weights built beforehand)."""

@@ -55,14 +55,8 @@ class TinySeg(nn.Module):
         return Output(logits=self.head(x))
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine thread
-    # oversubscription makes these tests ~20x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread (tests/conftest.py): these tiny loops only lose to thread overhead
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def loader(length=16, batch_size=4, *, size=32, seed=0, shuffle=False, negative_fraction=0.0):

@@ -29,12 +29,8 @@ from vlsegkit.train import evaluate, find_checkpoint, fit, seed_everything
 WORLD = 2
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread (tests/conftest.py): these tiny loops only lose to thread overhead
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # --------------------------------------------------------------------------- samplers

@@ -20,13 +20,8 @@ from test_train import TinySeg, params_of
 from vlsegkit.data import ImageMaskPromptDataset, SyntheticLesions, collate_prompts
 from vlsegkit.train import find_checkpoint, fit, read_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread (tests/conftest.py): these tiny loops only lose to thread overhead
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

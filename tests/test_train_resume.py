@@ -40,13 +40,8 @@ from vlsegkit.train import (
     seed_everything,
 )
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread (tests/conftest.py): these tiny loops only lose to thread overhead
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class DropoutSeg(TinySeg):
