@@ -301,6 +301,9 @@ def test_evaluate_threshold_keeps_the_task_class_and_its_settings():
     copy = task.with_threshold(0.3)
     assert type(copy) is PseudoLabelTask and copy.prompted is False and copy.empty_score == 0.0
     assert copy.threshold == 0.3 and task.threshold == 0.5 and copy.loss is task.loss
+    loss = task.loss
+    copy.loss = nn.BCEWithLogitsLoss()  # the copy's own module registry
+    assert task.loss is loss and isinstance(copy.loss, nn.BCEWithLogitsLoss)
 
 
 @pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, float("nan"), True, "0.5", None])

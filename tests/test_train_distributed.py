@@ -241,5 +241,32 @@ def test_rank_zero_writes_logs_and_checkpoints_once(ddp_results):
     assert len(state["rng"]) == WORLD and state["layout"]["world_size"] == WORLD
 
 
+def _failing_worker() -> None:
+    """Rank 1 fails after joining; rank 0 waits in a collective for it."""
+    _distributed.setup()
+    if int(os.environ["RANK"]) == 1:
+        raise RuntimeError("rank 1 fails on purpose")
+    _distributed.all_reduce_sum([1.0])
+
+
+def test_a_failing_rank_ends_the_job_quickly(tmp_path):
+    """The exit handler waits for every rank only on a clean exit: a rank leaving on an exception
+    must not wait in a barrier for ranks that sit in their next collective (the job then hung)."""
+    import time
+
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
+        "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        __file__, "fail",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "rank 1 fails on purpose" in proc.stderr
+    assert time.perf_counter() - start < 45  # the monitored barrier alone would wait 60 s
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     _worker(Path(sys.argv[2]))
+elif __name__ == "__main__" and sys.argv[1:2] == ["fail"]:
+    _failing_worker()

@@ -4,6 +4,7 @@ random draws in DataLoader worker processes (so that a resumed run equals an uni
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import sys
@@ -173,3 +174,51 @@ def test_resume_with_workers_equals_the_uninterrupted_run(tmp_path):
     # The items do not depend on the number of workers either.
     shutil.rmtree(tmp_path / "a")
     assert torch.equal(worker_run(tmp_path / "a", num_workers=1), straight)
+
+
+class _Handles(Dataset):
+    """A dataset whose workers open a handle in ``worker_init_fn`` (as for HDF5 / LMDB files)."""
+
+    def __init__(self) -> None:
+        self.inner = SyntheticLesions(length=8, image_size=16, seed=3)
+        self.handle = None
+
+    def open(self) -> None:
+        self.handle = "opened"
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        assert self.handle == "opened", "worker_init_fn did not reach the dataset"
+        return self.inner[i]
+
+
+def _open_handle(_worker_id: int) -> None:
+    torch.utils.data.get_worker_info().dataset.open()
+
+
+class _Batched(_Handles):
+    """A dataset that is read whole batches at a time (``__getitems__``) and only so."""
+
+    def __getitem__(self, i):
+        raise AssertionError("read one item at a time")
+
+    def __getitems__(self, indices):
+        return [self.inner[i] for i in indices]
+
+
+@pytest.mark.parametrize("kind", ["worker_init_fn", "__getitems__"])
+def test_worker_datasets_keep_their_own_protocol(kind, tmp_path):
+    """Per-item seeding wraps the dataset in workers; not when the user's worker_init_fn sets the
+    dataset up, nor when the dataset reads whole batches (both broke when it was wrapped)."""
+    data = _Handles() if kind == "worker_init_fn" else _Batched()
+    if kind == "__getitems__":
+        data.open()
+    loader = DataLoader(
+        data, batch_size=4, num_workers=1, collate_fn=collate_prompts,
+        worker_init_fn=_open_handle if kind == "worker_init_fn" else None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    history = fit(TinySeg(), loader, epochs=1, seed=0, progress=False)
+    assert len(history.train_loss) == 1 and math.isfinite(history.train_loss[0])

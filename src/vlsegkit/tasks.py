@@ -121,7 +121,8 @@ class Task(nn.Module):
 
     def with_threshold(self, threshold: float) -> Task:
         """A copy of this task that binarises probabilities at ``threshold`` (same class, same
-        loss and settings; the loss module is shared, not copied).
+        loss and settings; the loss module itself is shared, not copied, but assigning another
+        loss to the copy leaves this task's).
 
         Tasks that score binarised predictions (:class:`SegmentationTask` and its subclasses,
         :class:`~vlsegkit.CoTexNetTask`) keep the threshold in a ``threshold`` attribute; any
@@ -136,6 +137,10 @@ class Task(nn.Module):
                 "threshold does not apply to it"
             )
         task = copy.copy(self)
+        # a module's registries are dicts: give the copy its own, so that assigning a submodule
+        # (task.loss = ...) or a hook on it leaves this task alone
+        for name in ("_parameters", "_buffers", "_modules"):
+            setattr(task, name, dict(getattr(self, name)))
         task.threshold = _check_threshold(threshold)
         return task
 

@@ -366,6 +366,17 @@ def _set_epoch(dataset: Any, epoch: int) -> None:
             _set_epoch(part, epoch)
 
 
+def _can_seed_items(loader: DataLoader) -> bool:
+    """Whether workers may read ``loader.dataset`` through :class:`_SeededItems`.
+
+    Not when the user's ``worker_init_fn`` may set the dataset up from ``get_worker_info().dataset``
+    (it would get the wrapper), nor when the dataset reads whole batches (``__getitems__``), which
+    per-item seeding would split up: their random draws are then the workers' own, as in PyTorch,
+    and a resumed epoch is not guaranteed to redraw them.
+    """
+    return loader.worker_init_fn is None and not hasattr(loader.dataset, "__getitems__")
+
+
 class _SeededItems(Dataset):
     """A map-style dataset read by DataLoader worker processes through ``_KeyedSampler`` keys.
 
@@ -465,7 +476,7 @@ class _TrainData:
                 world_size=env.world_size,
             )
             # An own generator keeps the workers' base seed off the global RNG and reproducible.
-            if loader.num_workers > 0:
+            if loader.num_workers > 0 and _can_seed_items(loader):
                 keyed, items = _KeyedSampler(self.sampler), _SeededItems(loader.dataset)
                 self.loader = _remake(loader, keyed, torch.Generator(), dataset=items)
             else:
@@ -968,7 +979,9 @@ class FitConfig:
             a given plain ``DataLoader``), the Python, numpy and torch generators are seeded before
             each item from the data seed, the epoch and the item's index, so random draws of
             augmentations or prompts are reproducible and a resumed run equals an uninterrupted
-            one whatever worker reads an item.
+            one whatever worker reads an item. Not for a loader with its own ``worker_init_fn``
+            or a dataset that reads whole batches (``__getitems__``): their workers keep
+            PyTorch's seeding.
         seed: seed Python, numpy and torch (``seed_everything``) and the data order at the start;
             None keeps the current global RNG state and draws the data order from it.
 
