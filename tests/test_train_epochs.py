@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import TinySeg, params_of
+from test_train_resume import Augmented
 from vlsegkit.data import ImageMaskPromptDataset, SyntheticLesions, collate_prompts
 from vlsegkit.train import find_checkpoint, fit, read_checkpoint
 
@@ -132,23 +132,16 @@ def test_set_epoch_when_resuming_mid_epoch(prompt_root, tmp_path):
     assert model.seen == expected_prompts(prompt_root, [0, 1, 2, 3], 3)[6:]
 
 
-class GlobalRandom(Dataset):
-    """SyntheticLesions with a flip (Python RNG), jitter (numpy RNG) and noise (torch RNG) drawn
-    from the process's global generators, i.e. the worker's when read by a worker."""
+class GlobalRandom(Augmented):
+    """``Augmented`` (a flip from Python's RNG, a jitter from numpy's) plus noise from torch's RNG,
+    all drawn from the process's global generators, i.e. the worker's when read by a worker."""
 
     def __init__(self) -> None:
-        self.inner = SyntheticLesions(length=12, image_size=16, seed=3)
-
-    def __len__(self) -> int:
-        return len(self.inner)
+        super().__init__(length=12, image_size=16, seed=3)
 
     def __getitem__(self, i):
-        item = self.inner[i]
-        image, mask = item["image"], item["mask"]
-        if random.random() < 0.5:
-            image, mask = image.flip(-1), mask.flip(-1)
-        image = image * float(1 + 0.2 * (np.random.rand() - 0.5)) + 0.05 * torch.randn(1)
-        return {**item, "image": image, "mask": mask}
+        item = super().__getitem__(i)
+        return {**item, "image": item["image"] + 0.05 * torch.randn(1)}
 
 
 def worker_run(tmp, *, log_fn=None, resume=False, num_workers=2):
